@@ -1,0 +1,7 @@
+"""python -m peftlab"""
+
+import sys
+
+from peftlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The `peftlab` command: parses arguments and calls a workflow. User errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from peftlab.errors import UserError
+
+# CLI flags for common config fields: (flag, field, type, help). Any other field: --set field=value.
+COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--model", "model", str, "hub id, local folder, or alias (smollm2-135m, minilm-l6, tiny-llama, tiny-mistral)"),
+    ("--task", "task", str, "clm | classification | instruction"),
+    ("--dataset", "dataset", str, "dataset name (wikitext-2-raw-v1, sst2, alpaca-libre), hub id, or local file"),
+    ("--eval-dataset", "eval_dataset", str, "evaluation dataset or file"),
+    ("--data-dir", "data_dir", str, "offline dataset mirror (default: $PEFTLAB_DATA_DIR)"),
+    ("--text-column", "text_column", str, "text column"),
+    ("--text-pair-column", "text_pair_column", str, "second text column (pair classification)"),
+    ("--label-column", "label_column", str, "label column (classification)"),
+    ("--method", "method", str, "full | lora | qlora | dora | rslora | pissa | loraplus | ia3 | prefix"),
+    ("--r", "r", int, "LoRA rank (default 8)"),
+    ("--alpha", "alpha", float, "LoRA alpha (default 16)"),
+    ("--dropout", "dropout", float, "LoRA dropout (default 0.1)"),
+    ("--target-modules", "target_modules", str, "comma-separated module names (default q_proj,v_proj)"),
+    ("--lr", "lr", float, "learning rate (default 2e-4)"),
+    ("--epochs", "epochs", int, "epochs (default 1)"),
+    ("--max-steps", "max_steps", int, "stop after N optimizer steps"),
+    ("--block-size", "block_size", int, "tokens per block for clm (default 128)"),
+    ("--max-length", "max_length", int, "max tokens per example (classification, instruction)"),
+    ("--batch-size", "batch_size", int, "micro-batch size per process (default 4)"),
+    ("--grad-accum", "grad_accum", int, "gradient accumulation steps (default 8)"),
+    ("--output-dir", "output_dir", str, "run directory"),
+    ("--seed", "seed", int, "random seed (default 42)"),
+    ("--train-subset", "train_subset", int, "use the first N training blocks/examples"),
+    ("--eval-subset", "eval_subset", int, "use the first N evaluation blocks/examples"),
+    ("--device", "device", str, "auto | cpu | cuda"),
+    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("--save-every", "save_every", int, "checkpoint every N optimizer steps"),
+    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1.0)"),
+]
+FLAGS = [("--overwrite", "overwrite", "replace a finished run in --output-dir"),
+         ("--trust-remote-code", "trust_remote_code", "run model code from the hub (off by default)"),
+         ("--allow-pickle", "allow_pickle", "allow pickle .bin/.pt weights (unsafe)"),
+         ("--gradient-checkpointing", "gradient_checkpointing", "recompute activations to save memory")]
+
+
+def _add_config_args(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
+    for flag, dest, kind, text in COMMON_FIELDS:
+        if fields is None or dest in fields:
+            parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    for flag, dest, text in FLAGS:
+        if fields is None or dest in fields:
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+    parser.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set any config field (value parsed as YAML), e.g. --set warmup_ratio=0.1")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    fields = {dest for _, dest, _, _ in COMMON_FIELDS} | {dest for _, dest, _ in FLAGS}
+    out = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for item in args.set_fields:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set warmup_ratio=0.1")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftlab.config import load_config
+    from peftlab.train import run_training
+
+    overrides = _overrides(args)
+    if args.resume is not None:
+        overrides["resume"] = args.resume
+    cfg = load_config(args.config, overrides)
+    run_training(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftlab.evaluate import run_eval
+
+    overrides = _overrides(args)
+    if args.split:
+        overrides["eval_split"] = args.split
+    result = run_eval(overrides, args.adapter, args.base_precision)
+    print(json.dumps(result if args.json else result["metrics"], indent=2, default=str))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from peftlab.evaluate import run_generate
+
+    print(run_generate(_overrides(args), args.adapter, args.prompt, args.max_new_tokens, args.chat,
+                       args.base_precision))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a model and record the run")
+    train.add_argument("--config", help="YAML config; flags override its fields")
+    train.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="continue from the newest valid checkpoint in --output-dir, or from PATH")
+    _add_config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a base model or base + adapter")
+    evaluate.add_argument("--adapter", help="a run's adapter/ folder (its run config supplies the defaults)")
+    evaluate.add_argument("--split", help="split of a named dataset (e.g. validation, test)")
+    evaluate.add_argument("--base-precision", choices=["auto", "4bit", "full"], default="auto",
+                          help="load the base in 4-bit (default: as the adapter was trained)")
+    evaluate.add_argument("--json", action="store_true", help="print data provenance too")
+    _add_config_args(evaluate, ["model", "task", "dataset", "eval_dataset", "data_dir", "text_column",
+                                "text_pair_column", "label_column", "block_size", "max_length", "eval_subset",
+                                "batch_size", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    evaluate.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="print a completion for a prompt")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--adapter", help="a run's adapter/ folder")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--base-precision", choices=["auto", "4bit", "full"], default="auto")
+    _add_config_args(gen, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    gen.set_defaults(func=cmd_generate)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Subcommands added by other modules: each is a function(subparsers) that adds its parser.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; a UserError prints one line and returns 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _quiet_libraries()
+        return args.func(args)
+    except UserError as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

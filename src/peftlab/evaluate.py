@@ -1,0 +1,100 @@
+"""Evaluation and generation outside training: a base model, or base + a saved adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from peftlab.config import RunConfig, load_config
+from peftlab.errors import UserError
+from peftlab.methods import get_method
+from peftlab.models import LoadedModel, load_model
+from peftlab.tasks import TASKS, Task
+
+
+def run_config_of(adapter: str | Path) -> dict[str, Any]:
+    """The config.yaml of the run that produced an adapter (its parent folder), if there is one."""
+    path = Path(adapter).expanduser().parent / "config.yaml"
+    if path.is_file():
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return {}
+
+
+EVAL_INHERITED = ("model", "task", "dataset", "eval_dataset", "eval_split", "text_column", "text_pair_column",
+                  "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "max_new_tokens",
+                  "generation_subset", "method", "quant_type", "double_quant", "dtype", "trust_remote_code",
+                  "eval_batch_size", "batch_size", "data_dir")
+
+
+def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Config for evaluating: the adapter's run config (data and model fields) under the given overrides."""
+    base = {k: v for k, v in run_config_of(adapter).items() if k in EVAL_INHERITED} if adapter else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if base.get("method") != "qlora":  # for evaluation only a 4-bit base matters
+        for key in ("method", "quant_type", "double_quant"):
+            base.pop(key, None)
+    return load_config(None, base)
+
+
+def load_for_eval(cfg: RunConfig, task: Task, adapter: str | None, base_precision: str) -> tuple[LoadedModel,
+                                                                                                nn.Module]:
+    """Load the base model (4-bit if the adapter was trained with QLoRA, unless told otherwise) + adapter."""
+    quantize = base_precision == "4bit" or (base_precision == "auto" and cfg.method == "qlora")
+    if quantize:
+        get_method("qlora")
+    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=quantize, **task.model_kwargs())
+    model = loaded.model
+    if adapter:
+        model = attach_adapter(model, adapter)
+    model.eval()
+    return loaded, model
+
+
+def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
+    """PeftModel.from_pretrained with one-line errors for a missing folder or a mismatched base model."""
+    from peft import PeftModel
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"adapter {str(path)!r} has no adapter_config.json; give a run's adapter/ folder")
+    try:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        text = str(exc)
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if "size mismatch" in text or "shape" in text or "Target modules" in text or "not found" in text:
+            raise UserError(f"adapter {str(path)!r} does not fit this base model (it was trained on "
+                            f"{base_name!r}); load it onto the same architecture and size") from None
+        raise
+
+
+def run_eval(overrides: dict[str, Any], adapter: str | None, base_precision: str = "auto") -> dict[str, Any]:
+    """Evaluate a model (+ adapter) with the task's metrics on a split."""
+    cfg = eval_config(adapter, overrides)
+    task = TASKS[cfg.task](cfg)
+    task.load()
+    loaded, model = load_for_eval(cfg, task, adapter, base_precision)
+    task.build(loaded.tokenizer, model)
+    metrics = task.evaluate(model, "eval")
+    return {"model": cfg.model, "adapter": adapter, "task": cfg.task, "data": task.info(), "metrics": metrics}
+
+
+def run_generate(overrides: dict[str, Any], adapter: str | None, prompt: str, max_new_tokens: int,
+                 chat: bool = False, base_precision: str = "auto") -> str:
+    """Greedy completion of one prompt (optionally wrapped in the model's chat template)."""
+    from peftlab.tasks.clm import generate_text
+
+    cfg = eval_config(adapter, overrides)
+    task = TASKS["clm"](cfg)
+    loaded, model = load_for_eval(cfg, task, adapter, base_precision)
+    tok = loaded.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise UserError(f"--chat: model {cfg.model!r} has no chat template; drop --chat")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return generate_text(model, tok, prompt, max_new_tokens)

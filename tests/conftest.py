@@ -1,0 +1,31 @@
+"""Shared test set-up: offline hub, the shared dataset mirror, and small config helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", REPO.parent / "shared" / "datasets"))
+os.environ["PEFTLAB_DATA_DIR"] = str(SHARED_DATA)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The offline dataset mirror (../shared/datasets)."""
+    if not (SHARED_DATA / "wikitext-2-raw-v1").is_dir():
+        pytest.skip(f"dataset mirror not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> dict:
+    """A fast clm run on tiny-llama: few blocks, small batches."""
+    base = dict(model="tiny-llama", dataset="wikitext-2-raw-v1", train_subset=32, eval_subset=8, batch_size=4,
+                grad_accum=2, lr=1e-2, output_dir=str(tmp_path / "run"), eval_before=True, max_new_tokens=8)
+    base.update(extra)
+    return base
