@@ -125,6 +125,21 @@ class RunDir:
         with open(self.path / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metrics.jsonl lines past a checkpoint's step (they are recomputed on resume)."""
+        path = self.path / METRICS_FILE
+        if not self.is_writer or not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by the crash
+                continue
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
     def finish(self, results: dict[str, Any]) -> Path:
         """Write results.json (atomically, last)."""
         if self.is_writer:

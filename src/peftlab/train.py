@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, Stopwatch, folder_size_bytes, parameter_counts
@@ -33,14 +34,22 @@ OOM_ADVICE = ("use a smaller --batch-size (raise --grad-accum to keep the global
 
 @dataclass
 class LoopState:
-    """Where the loop is: enough to log progress (and, with checkpoints, to resume)."""
+    """Where the loop is: everything a checkpoint needs to continue exactly (with the RNG and optimizer states)."""
 
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
     tokens: int = 0
+    epoch_elapsed_s: float = 0.0  # training time spent so far in the current, unfinished epoch
     epoch_times_s: list[float] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_evals: list[dict[str, Any]] = field(default_factory=list)
+    before: dict[str, Any] | None = None  # metrics of the model before training
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+
+    def train_seconds(self) -> float:
+        return sum(self.epoch_times_s) + self.epoch_elapsed_s
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -115,9 +124,34 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
+def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Tensor]], accelerator,
+                   trainable: list[torch.Tensor], clip: float, device: torch.device) -> tuple[float, float, int]:
+    """Forward/backward over one step's micro-batches; returns (mean loss, grad norm, real tokens).
+
+    The loss is normalised by the number of counted items (tokens or examples) in the whole step, over every
+    process, so accumulation and data parallelism give the gradient of the global mean.
+    """
+    world = accelerator.num_processes
+    counts = torch.tensor([sum(task.loss_count(b) for b in micro), sum(task.tokens_in(b) for b in micro)],
+                          device=device, dtype=torch.float64)
+    if world > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    step_loss = torch.zeros((), device=device, dtype=torch.float64)
+    for i, batch in enumerate(micro):
+        with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
+            loss_sum = task.loss(model, batch)
+            accelerator.backward(loss_sum * (world / counts[0]))
+        step_loss += loss_sum.detach().double()
+    if world > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+    return float(step_loss / counts[0]), float(grad_norm), int(counts[1])
+
+
 def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, accelerator, run: RunDir,
-               state: LoopState, device: torch.device) -> LoopState:
-    """Run optimizer steps until the epochs (or max_steps) are done."""
+               state: LoopState, device: torch.device, eval_timer: Stopwatch,
+               resume_from: Path | None = None, resume_state: dict[str, Any] | None = None) -> LoopState:
+    """Run optimizer steps until the epochs (or max_steps) are done, checkpointing as configured."""
     world, rank = accelerator.num_processes, accelerator.process_index
     n = task.num_train_examples()
     per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.grad_accum, world)
@@ -126,34 +160,32 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
                         f"({cfg.batch_size * cfg.grad_accum * world}); lower --batch-size or --grad-accum")
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
     n_epochs = math.ceil(total_steps / per_epoch)
+    state.total_steps, state.steps_per_epoch = total_steps, per_epoch
     optimizer = build_optimizer(model, method, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if resume_from is not None:
+        load_checkpoint(resume_from, model, optimizer, scheduler, resume_state)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     model.train()
     bar = _progress(total_steps, accelerator.is_main_process)
+    bar.update(state.step)
     timer = Stopwatch(device)
+
+    def checkpoint(best: dict[str, Any] | None = None) -> None:
+        if run.is_writer:
+            save_checkpoint(run.path, state, accelerator.unwrap_model(model), optimizer.optimizer
+                            if hasattr(optimizer, "optimizer") else optimizer, scheduler, cfg, cfg.keep_last, best)
+        accelerator.wait_for_everyone()
+
     for epoch in range(state.epoch, n_epochs):
         perm = epoch_permutation(n, cfg.seed, epoch)
-        timer.start()
-        epoch_start = timer.total
         for step_in_epoch in range(state.step_in_epoch, per_epoch):
+            timer.start()
             micro = [task.train_batch(ix) for ix in step_micro_batches(
                 perm, step_in_epoch, cfg.batch_size, cfg.grad_accum, world, rank)]
-            counts = torch.tensor([sum(task.loss_count(b) for b in micro),
-                                   sum(task.tokens_in(b) for b in micro)], device=device, dtype=torch.float64)
-            counts = accelerator.reduce(counts, reduction="sum") if world > 1 else counts
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for i, batch in enumerate(micro):
-                sync = accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext()
-                with sync:
-                    loss_sum = task.loss(model, batch)
-                    accelerator.backward(loss_sum * (world / counts[0]))
-                step_loss += loss_sum.detach().double()
-            step_loss = accelerator.reduce(step_loss, reduction="sum") if world > 1 else step_loss
-            mean_loss = float(step_loss / counts[0])
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+            mean_loss, grad_norm, tokens = optimizer_step(task, model, micro, accelerator, trainable, clip, device)
             state.step += 1
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(state.step, "loss")
@@ -162,14 +194,14 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state.tokens += int(counts[1])
+            state.epoch_elapsed_s += timer.stop()
+            state.tokens += tokens
             state.step_in_epoch = step_in_epoch + 1
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                seconds = timer.elapsed() - epoch_start + sum(state.epoch_times_s)
+                seconds = state.train_seconds()
                 row = {"step": state.step, "epoch": epoch + state.step_in_epoch / per_epoch, "loss": mean_loss,
                        "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": state.tokens,
-                       "tokens_per_s": state.tokens / seconds if seconds > 0 else None,
-                       "train_time_s": seconds}
+                       "tokens_per_s": state.tokens / seconds if seconds > 0 else None, "train_time_s": seconds}
                 state.history.append(row)
                 run.log_metrics(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}",
@@ -178,14 +210,22 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
             check_rss_cap(cfg)
             if state.step >= total_steps:
                 break
-        timer.stop()
-        state.epoch_times_s.append(timer.total - epoch_start)
-        state.epoch, state.step_in_epoch = epoch + 1, 0
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step_in_epoch < per_epoch:
+                checkpoint()
+        state.epoch_times_s.append(state.epoch_elapsed_s)
+        state.epoch, state.step_in_epoch, state.epoch_elapsed_s = epoch + 1, 0, 0.0
         if state.step >= total_steps:
             break
+        # Epoch end (not the last): evaluate, then checkpoint with the metric for keep_best.
+        eval_timer.start()
+        metrics = task.evaluate(accelerator.unwrap_model(model), f"epoch{epoch + 1}")
+        model.train()
+        eval_timer.stop()
+        state.epoch_evals.append({"epoch": epoch + 1, "step": state.step, **metrics})
+        run.log_metrics({"step": state.step, "epoch": epoch + 1, "eval": metrics})
+        checkpoint({"metric": task.metric, "value": metrics.get(task.metric),
+                    "higher_is_better": task.higher_is_better} if cfg.keep_best else None)
     bar.close()
-    state.total_steps = total_steps
-    state.steps_per_epoch = per_epoch
     return state
 
 
@@ -212,12 +252,28 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     task = TASKS[cfg.task](cfg)
     task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
-    run = RunDir.open_for(cfg, is_writer=accelerator.is_main_process)
+    from peftlab.models import resolve_device
+
+    # cpu=True whenever training runs on CPU (also for device "auto" without CUDA): under torchrun this is what
+    # makes accelerate join the gloo process group (MULTI_CPU) instead of running each rank alone.
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"{accelerator.distributed_type.name} is not supported by peftlab's loop yet; launch "
+                        "with torchrun or `accelerate launch --multi_gpu` (DDP), see docs/distributed.md")
+    resume = None
+    if cfg.resume:  # checked before any heavy work: the checkpoint must exist and match this config
+        if not cfg.output_dir:
+            raise UserError("--resume needs --output-dir: the run directory that holds the checkpoints")
+        run_path = RunDir.open_for(cfg, is_writer=False).path
+        folder = resolve_resume(cfg.resume, run_path, cfg.allow_pickle)
+        resume = (folder, check_compatible(folder, cfg))
+    run = RunDir.open_for(cfg, is_writer=accelerator.is_main_process, resuming=resume is not None)
+    if resume is not None:
+        run.truncate_metrics(after_step=resume[1]["loop"]["step"])
     started = dt.datetime.now(dt.UTC)
     set_seed(cfg.seed)
     try:
-        return _train_and_record(cfg, task, method, accelerator, run, started)
+        return _train_and_record(cfg, task, method, accelerator, run, started, resume)
     except TrainingDiverged as exc:
         run.fail(str(exc), {"step": exc.step})
         raise UserError(f"training stopped: {exc}; lower --lr, check the data, or keep --max-grad-norm on. "
@@ -234,7 +290,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, run: RunDir,
-                      started: dt.datetime) -> dict[str, Any]:
+                      started: dt.datetime, resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
     from peftlab.models import resolve_device
 
     meter = MemoryMeter(resolve_device(cfg.device))
@@ -252,14 +308,18 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
               f"({params['trainable_percent']:.4f}%)", file=sys.stderr)
 
     eval_timer = Stopwatch(device)
-    before = None
-    if cfg.eval_before:
+    state, resumed_from = LoopState(), None
+    if resume is not None:
+        resumed_from, saved_state = resume
+        state = LoopState(**saved_state["loop"])
+    elif cfg.eval_before:
         eval_timer.start()
-        before = task.evaluate(model, "before")
+        state.before = task.evaluate(model, "before")
         eval_timer.stop()
 
     meter.start("train")
-    state = train_loop(cfg, task, model, method, accelerator, run, LoopState(), device)
+    state = train_loop(cfg, task, model, method, accelerator, run, state, device, eval_timer,
+                       resumed_from, resume[1] if resume else None)
     meter.stop()
 
     eval_timer.start()
@@ -267,9 +327,10 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     eval_timer.stop()
     sample = task.sample(accelerator.unwrap_model(model))
     saved = save_trained(model, loaded, method, run, accelerator)
-    task.write_artifacts(run.path, accelerator.unwrap_model(model))
+    if run.is_writer:  # only rank 0 writes files
+        task.write_artifacts(run.path, accelerator.unwrap_model(model))
 
-    train_time = sum(state.epoch_times_s)
+    train_time = state.train_seconds()
     epoch_fraction = state.step / state.steps_per_epoch
     results = {
         "schema": RESULTS_SCHEMA,
@@ -285,7 +346,8 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
         "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
         "data": task.info(),
         "params": params,
-        "metrics": {"before": before, "after": after, "history_tail": state.history[-5:]},
+        "metrics": {"before": state.before, "after": after, "per_epoch": state.epoch_evals,
+                    "final_train_loss": state.history[-1]["loss"] if state.history else None},
         "timing": {
             "load_time_s": load_timer.total,
             "train_time_s": train_time,
@@ -311,7 +373,8 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
         "versions": package_versions(),
         "git_commit": git_commit(),
         "machine": machine_info(),
-        "resumed": False,
+        "resumed": resumed_from is not None,
+        "resumed_from": str(resumed_from) if resumed_from else None,
     }
     run.finish(results)
     if accelerator.is_main_process:
