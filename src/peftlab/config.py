@@ -92,8 +92,9 @@ class RunConfig(BaseModel):
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
 
     # --- speed ---------------------------------------------------------------------------------------------
-    chunked_ce: bool = Field(True, description="Cross-entropy in chunks, never holding all logits at once.")
-    compile: bool = Field(False, description="torch.compile the model (inductor).")
+    chunked_ce: bool = Field(True, description="Run the LM head and cross-entropy in token chunks (no full "
+                             "logits tensor); off: the plain logits path.")
+    compile: bool = Field(False, description="torch.compile the model (inductor); off by default.")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
 
     # --- output, logging, checkpoints -----------------------------------------------------------------------

@@ -14,10 +14,104 @@ def shifted_label_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy: position t predicts labels[t + 1]."""
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[t + 1] at position t, IGNORE_INDEX at the last position.
+
+    Shifting the labels instead of slicing the logits avoids a copy of the [batch, seq, vocab] logits and, in the
+    backward pass, a zero-filled tensor of that size.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy: position t predicts labels[t + 1].
+
+    ``chunked`` runs the LM head and the loss together in token chunks (see :func:`chunked_linear_cross_entropy`)
+    when the model's head allows it; the result is the same within float rounding.
+    """
+    head = output_head(model) if chunked else None
+    if head is not None:
+        return causal_lm_loss_sum_chunked(model, batch, head)
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    logits = out.logits[:, :-1, :]
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+    logits = out.logits
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), shift_labels(batch["labels"]).reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden @ weight.T, labels), computed in token chunks without keeping the logits.
+
+    The forward pass computes each chunk's logits, its loss, and at once its gradient with respect to the hidden
+    states (and the weight, if trained); the backward pass only scales them. Peak memory holds one chunk of logits
+    instead of all of them, and the [tokens, vocab] log-softmax is never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_weight_grad = weight.requires_grad
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            h = hidden[start:start + chunk]
+            y = labels[start:start + chunk]
+            valid = y != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_y = torch.where(valid, y, torch.zeros_like(y))
+            target = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - target) * valid).sum()
+            # d loss / d logits = softmax - onehot, on valid rows only
+            grad_logits = torch.exp(logits - lse[:, None])
+            grad_logits.scatter_add_(1, safe_y[:, None], -torch.ones_like(target[:, None]))
+            grad_logits *= valid[:, None]
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[start:start + chunk] = grad_logits @ weight
+            if need_weight_grad:
+                grad_weight += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if need_weight_grad else torch.empty(0))
+        ctx.need_weight_grad = need_weight_grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gw = (grad_weight * grad_out).to(grad_hidden.dtype) if ctx.need_weight_grad else None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), gw, None, None
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                 chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``labels`` (IGNORE_INDEX skipped), in chunks."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        flat, flat_labels = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+        return sum((F.cross_entropy((flat[i:i + chunk] @ weight.T).float(), flat_labels[i:i + chunk],
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+                    for i in range(0, flat.size(0), chunk)), torch.zeros((), device=hidden.device))
+    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), chunk)
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's plain linear LM head, when the chunked loss can replace it (else None)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "_orig_mod", base)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None  # absent, adapted (e.g. LoRA on lm_head) or with a bias
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None  # Gemma-2 soft-capping, Cohere scaling: the head is not a plain matmul
+    return head
+
+
+def causal_lm_loss_sum_chunked(model: nn.Module, batch: dict[str, torch.Tensor], head: nn.Linear,
+                               chunk: int = 1024) -> torch.Tensor:
+    """As :func:`causal_lm_loss_sum`, but the LM head and the loss run in chunks (no full logits)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device),
+                output_hidden_states=True)
+    return chunked_linear_cross_entropy(out.hidden_states[-1], head.weight, shift_labels(batch["labels"]), chunk)

@@ -68,13 +68,13 @@ def cached_blocks(split: DataSplit, tokenizer, block_size: int, text_column: str
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, batches) -> dict[str, float]:
+def perplexity(model: nn.Module, batches, chunked: bool = False) -> dict[str, float]:
     """exp(total NLL / total predicted tokens) over every batch (not a mean of per-batch perplexities)."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     for batch in batches:
-        nll += float(causal_lm_loss_sum(model, batch))
+        nll += float(causal_lm_loss_sum(model, batch, chunked=chunked))
         count += shifted_label_count(batch["labels"])
     model.train(was_training)
     if count == 0:
@@ -149,7 +149,7 @@ class CausalLMTask(Task):
         return shifted_label_count(batch["labels"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return causal_lm_loss_sum(model, batch)
+        return causal_lm_loss_sum(model, batch, chunked=self.cfg.chunked_ce)
 
     def eval_batches(self):
         size = self.cfg.eval_batch_size or self.cfg.batch_size
@@ -157,7 +157,7 @@ class CausalLMTask(Task):
             yield self._batch(self.eval_blocks, range(start, min(start + size, len(self.eval_blocks))))
 
     def evaluate(self, model: nn.Module, stage: str) -> dict[str, float]:
-        return perplexity(model, self.eval_batches())
+        return perplexity(model, self.eval_batches(), chunked=self.cfg.chunked_ce)
 
     def sample(self, model: nn.Module) -> dict[str, Any]:
         text = generate_text(model, self.tokenizer, self.cfg.sample_prompt, self.cfg.max_new_tokens)
