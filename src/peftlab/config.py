@@ -94,6 +94,8 @@ class RunConfig(BaseModel):
     # --- speed ---------------------------------------------------------------------------------------------
     chunked_ce: bool = Field(True, description="Run the LM head and cross-entropy in token chunks (no full "
                              "logits tensor); off: the plain logits path.")
+    fused_optimizer: bool = Field(True, description="Fused AdamW kernel (one kernel over all parameters); off: "
+                                  "torch's default foreach implementation.")
     compile: bool = Field(False, description="torch.compile the model (inductor); off by default.")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
 

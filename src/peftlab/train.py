@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
-from peftlab.models import LoadedModel, load_model
+from peftlab.models import LoadedModel, load_model, resolve_device
 from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
 from peftlab.summary import format_result_row
 from peftlab.tasks import TASKS, Task
@@ -82,7 +83,8 @@ def build_optimizer(model: nn.Module, method: Method, cfg: RunConfig) -> torch.o
     if method.make_optimizer is not None:
         return method.make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = cfg.fused_optimizer and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int):
@@ -103,6 +105,8 @@ def prepare_model(cfg: RunConfig, task: Task, method: Method) -> tuple[LoadedMod
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method.is_peft and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if cfg.compile:
+        model = torch.compile(model)
     return loaded, model
 
 
@@ -252,14 +256,15 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     task = TASKS[cfg.task](cfg)
     task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
 
-    from peftlab.models import resolve_device
-
     # cpu=True whenever training runs on CPU (also for device "auto" without CUDA): under torchrun this is what
     # makes accelerate join the gloo process group (MULTI_CPU) instead of running each rank alone.
-    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"{accelerator.distributed_type.name} is not supported by peftlab's loop yet; launch "
-                        "with torchrun or `accelerate launch --multi_gpu` (DDP), see docs/distributed.md")
+    unsupported = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
+    accelerator = None if unsupported else Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
+    if accelerator is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        unsupported = accelerator.distributed_type.name
+    if unsupported:
+        raise UserError(f"{unsupported} is not supported by peftlab's loop yet; launch with torchrun or "
+                        "`accelerate launch --multi_gpu` (DDP), see docs/distributed.md")
     resume = None
     if cfg.resume:  # checked before any heavy work: the checkpoint must exist and match this config
         if not cfg.output_dir:
@@ -272,6 +277,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         run.truncate_metrics(after_step=resume[1]["loop"]["step"])
     started = dt.datetime.now(dt.UTC)
     set_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         return _train_and_record(cfg, task, method, accelerator, run, started, resume)
     except TrainingDiverged as exc:
