@@ -32,9 +32,13 @@ def lora_run(tmp_path_factory):
 def test_loss_falls_and_results_are_complete(lora_run):
     cfg, results = lora_run
     run_dir = results["run_dir"]
-    lines = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl")]
+    rows = [json.loads(x) for x in open(f"{run_dir}/metrics.jsonl")]
+    lines = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
     assert len(lines) == results["timing"]["optimizer_steps"] == 12  # 32 blocks / (4 x 2) x 3 epochs
     assert lines[-1]["loss"] < lines[0]["loss"]
+    assert [e["epoch"] for e in evals] == [1, 2]  # evaluation at each epoch end (the last is "after")
+    assert [e["epoch"] for e in results["metrics"]["per_epoch"]] == [1, 2]
     assert results["metrics"]["after"]["perplexity"] < results["metrics"]["before"]["perplexity"]
     for section, keys in RESULT_FIELDS.items():
         for key in keys:

@@ -147,6 +147,49 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftlab import sweep
+
+    out = args.output_dir or str(Path("sweeps") / Path(args.sweep_file).stem)
+    if args.dry_run:
+        print(sweep.format_plan(sweep.plan_sweep(args.sweep_file, out, args.retry_failed)))
+        return 0
+    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed,
+                              on_progress=lambda p: print(sweep.format_progress(p), flush=True))
+    for run_id, error in outcome.failed.items():
+        print(f"failed: {run_id}: {error} (log: {Path(out) / 'logs' / (run_id + '.log')})", file=sys.stderr)
+    if outcome.failed:
+        print(f"peftlab: {len(outcome.failed)} run(s) failed; fix the cause and rerun with --retry-failed",
+              file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peftlab.report import write_report
+
+    made = write_report(args.sweep_dir, args.output_dir)
+    print("\n".join(f"{what}: {path}" for what, path in made.summary_lines()))
+    return 0
+
+
+def _add_study_commands(sub: Any) -> None:
+    sweep = sub.add_parser("sweep", help="run a grid of configs, each in its own process, recorded in a store")
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep file: base: config fields, grid: axes")
+    sweep.add_argument("--output-dir", help="store, runs and logs (default: sweeps/<sweep file name>)")
+    sweep.add_argument("--retry-failed", action="store_true", help="also redo runs that failed before")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; run nothing")
+    sweep.set_defaults(func=cmd_sweep)
+    report = sub.add_parser("report", help="tables, plots and an HTML report from a sweep's store")
+    report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --output-dir of `peftlab sweep`")
+    report.add_argument("--output-dir", help="where to write the report (default: SWEEP_DIR/report)")
+    report.set_defaults(func=cmd_report)
+
+
+_EXTRA_COMMANDS.append(_add_study_commands)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

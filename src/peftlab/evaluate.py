@@ -72,11 +72,24 @@ def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
         raise
 
 
+def check_recorded_labels(adapter: str | Path, labels: list[str] | None) -> None:
+    """A classification adapter's head maps ids to the labels its run recorded; refuse a different label set."""
+    path = Path(adapter).expanduser().parent / "results.json"
+    if labels is None or not path.is_file():
+        return
+    recorded = (json.loads(path.read_text(encoding="utf-8")).get("data") or {}).get("labels")
+    if recorded is not None and list(recorded) != list(labels):
+        raise UserError(f"adapter {str(adapter)!r} was trained on labels {', '.join(recorded)}, but this data's "
+                        f"training split has {', '.join(labels)}; evaluate with the run's dataset")
+
+
 def run_eval(overrides: dict[str, Any], adapter: str | None, base_precision: str = "auto") -> dict[str, Any]:
     """Evaluate a model (+ adapter) with the task's metrics on a split."""
     cfg = eval_config(adapter, overrides)
     task = TASKS[cfg.task](cfg)
     task.load()
+    if adapter:
+        check_recorded_labels(adapter, getattr(task, "label_names", None))
     loaded, model = load_for_eval(cfg, task, adapter, base_precision)
     task.build(loaded.tokenizer, model)
     metrics = task.evaluate(model, "eval")

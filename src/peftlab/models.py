@@ -202,6 +202,45 @@ def quantization_config(cfg, dtype: torch.dtype):
                               bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
 
 
+def disable_cpu_inference_packing(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit CPU layers on their differentiable path.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit weight for a fast inference kernel the first
+    time the layer runs in eval mode without gradients, and keeps that layout afterwards. The packed path has no
+    backward, so after an evaluation (e.g. the baseline before training) no gradient reaches the adapters and a
+    QLoRA run silently trains nothing. Turning the repacking off keeps one code path for eval and training.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def detach_from_checkpoint_file(model: nn.Module) -> None:
+    """Copy a 4-bit model's full-precision tensors out of the memory-mapped checkpoint, and give freed memory back.
+
+    transformers memory-maps safetensors files; the weights that stay unquantized (embeddings, norms) are views of
+    that mapping, which keeps the whole full-precision file resident although the quantized layers no longer use
+    it. Copying them releases the mapping, and ``malloc_trim`` returns the heap freed while quantizing.
+    """
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is not None and type(tensor).__name__ != "Params4bit" and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and ask glibc to return freed heap pages to the OS (no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
                num_labels: int | None = None, label_names: list[str] | None = None) -> LoadedModel:
     """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls)."""
@@ -216,7 +255,11 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
                         use_safetensors=None if cfg.allow_pickle else True)
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(cfg, dtype)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        # Under DDP each rank loads onto its own GPU (accelerate has set the current device to the local rank).
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": "cpu"}
     if task_kind == "seq_cls":
         cls = AutoModelForSequenceClassification
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names or [])),
@@ -224,7 +267,13 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
     else:
         cls = AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(source, **kwargs)
+        if task_kind == "seq_cls":
+            model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs)
+            # Newly initialised weights (the head, sometimes a pooler): they must be trained and saved with an
+            # adapter, see peftlab.tasks.classification.save_new_modules.
+            model.peftlab_new_parameters = sorted(loading["missing_keys"])
+        else:
+            model = cls.from_pretrained(source, **kwargs)
     except OSError as exc:
         msg = _first_line(exc)
         if "safetensors" in msg.lower() or "pytorch_model.bin" in msg:
@@ -235,7 +284,10 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         raise UserError(f"model {cfg.model!r} cannot be used for {task_kind} ({_first_line(exc)})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if not quantize_4bit:
+    if quantize_4bit:
+        disable_cpu_inference_packing(model)
+        detach_from_checkpoint_file(model)
+    else:
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype)
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-METRIC_LABELS = {"perplexity": "Perplexity", "accuracy": "Accuracy", "rougeL": "ROUGE-L"}
+METRIC_LABELS = {"perplexity": "Perplexity", "accuracy": "Accuracy", "rougeL": "ROUGE-L", "macro_f1": "Macro-F1",
+                 "bleu": "BLEU", "exact_match": "Exact match"}
+#: Columns after Memory for a task's other metrics (each before → after), by task name.
+EXTRA_METRICS = {"classification": ("macro_f1",), "instruction": ("perplexity", "bleu", "exact_match")}
+LOWER_IS_BETTER = {"perplexity", "eval_loss"}
 LORA_FAMILY = {"lora", "qlora", "dora", "rslora", "pissa", "loraplus"}
 
 
@@ -43,6 +47,12 @@ def format_result_row(results: dict[str, Any]) -> str:
     row = (f"| {results['model']['name']} | {training_type(results)} | {lora_shape(results)} | "
            f"{minutes:.2f} | {format_metric(before)} → {format_metric(after)} | "
            f"{memory:.2f} |" if minutes is not None and memory is not None else "")
+    extras = [m for m in EXTRA_METRICS.get(results["task"]["name"], ()) if m in results["metrics"]["after"]]
+    for name in extras:
+        header += f" {METRIC_LABELS.get(name, name)} {'↓' if name in LOWER_IS_BETTER else '↑'} (before → after) |"
+        if row:
+            row += (f" {format_metric((results['metrics'].get('before') or {}).get(name))} → "
+                    f"{format_metric(results['metrics']['after'][name])} |")
     data = results.get("data", {})
     used = []
     for role in ("train", "eval"):
@@ -53,4 +63,4 @@ def format_result_row(results: dict[str, Any]) -> str:
             n_total = part.get("blocks_total", part.get("examples_total"))
             used.append(f"{role}: {part.get('source')} ({n_used} of {n_total} {unit})")
     notes = "; ".join(used + list(data.get("notes", [])))
-    return "\n".join([header, "|---|---|---|---|---|---|", row, f"data: {notes}"])
+    return "\n".join([header, "|---|---|---|---|---|---|" + "---|" * len(extras), row, f"data: {notes}"])

@@ -80,4 +80,4 @@ class Task:
         """Task-specific files in the run directory (predictions, reports)."""
 
 
-from peftlab.tasks import clm  # noqa: E402,F401  (registers the built-in tasks)
+from peftlab.tasks import classification, clm, instruction  # noqa: E402,F401  (registers the built-in tasks)

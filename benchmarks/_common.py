@@ -1,0 +1,205 @@
+"""Shared pieces of the benchmarks: the workload's token blocks, FLOP counting, GEMM peak, timings, held-out loss.
+
+Every contender is measured with these same functions, so the definitions below are the ones the tables use:
+
+- tokens/s: real (non-padding) tokens of the optimizer steps after the first, divided by the time of those steps
+  (the first step is warm-up). With a single step, the whole run.
+- time per optimizer step: the interval between the ends of consecutive optimizer steps (the first step is
+  measured from the start of training); median and min-max over the steps after the first.
+- FLOPs per token (PaLM appendix B convention, the attention term counts the full T x T score matrix):
+  full fine-tuning 6 N + 12 L T d_attn; LoRA / QLoRA 4 N + 6 N_adapter + 12 L T d_attn, where N counts the weights
+  of every matrix multiply (all Linear layers, the LM head included even when tied to the embedding),
+  N_adapter the LoRA A and B weights, L the layers, T the block length and d_attn = heads x head_dim.
+  LoRA: 2N forward + 2N backward through the activations; frozen weights get no weight gradients.
+- MFU: FLOPs per token x tokens/s / the peak GEMM FLOP/s measured on this machine in the same invocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FLOPS_FORMULA = {
+    "full": "6*N + 12*L*T*d_attn",
+    "lora": "4*N + 6*N_adapter + 12*L*T*d_attn",
+    "qlora": "4*N + 6*N_adapter + 12*L*T*d_attn",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The workload's data
+
+
+def workload_blocks(model: str, block_size: int, train_blocks: int, eval_blocks: int) -> dict[str, Any]:
+    """WikiText-2 token blocks built once with peftlab's own tokenization and cache (what `peftlab train` reads).
+
+    Returns the first ``train_blocks`` training blocks and ``eval_blocks`` held-out blocks (offline mirror: train on
+    validation.txt, evaluate on test.txt), with their sources.
+    """
+    from peftlab.config import load_config
+    from peftlab.data.sources import load_splits
+    from peftlab.models import load_tokenizer, resolve_model_source
+    from peftlab.tasks.clm import cached_blocks
+
+    cfg = load_config(None, {"model": model, "dataset": "wikitext-2-raw-v1", "block_size": block_size})
+    plan = load_splits(cfg)
+    tokenizer = load_tokenizer(resolve_model_source(model), cfg)
+    train = np.asarray(cached_blocks(plan.train, tokenizer, block_size, cfg.text_column))
+    held = np.asarray(cached_blocks(plan.eval, tokenizer, block_size, cfg.text_column))
+    if len(train) < train_blocks:
+        raise ValueError(f"the training split has {len(train)} blocks, fewer than the {train_blocks} needed; "
+                         "use fewer --steps")
+    return {"train": np.ascontiguousarray(train[:train_blocks]), "eval": np.ascontiguousarray(held[:eval_blocks]),
+            "train_source": plan.train.source, "eval_source": plan.eval.source, "note": plan.note}
+
+
+def array_digest(arr: np.ndarray) -> str:
+    """sha256 (16 hex digits) of an array's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{arr.dtype}|{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def model_shape(model_source: str, targets: list[str], r: int) -> dict[str, int]:
+    """Matmul weights (N), LoRA weights (N_adapter), layers, d_attn and d_model, from the config (meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n_matmul = n_adapter = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            n_matmul += module.in_features * module.out_features
+            if name.rsplit(".", 1)[-1] in targets:
+                n_adapter += r * (module.in_features + module.out_features)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"n_matmul": n_matmul, "n_adapter": n_adapter, "layers": config.num_hidden_layers,
+            "d_attn": heads * head_dim, "d_model": config.hidden_size, "vocab": config.vocab_size}
+
+
+def flops_per_token(shape: dict[str, int], method: str, block_size: int) -> float:
+    """Training FLOPs per token under :data:`FLOPS_FORMULA` (LoRA and QLoRA count the same)."""
+    attention = 12 * shape["layers"] * block_size * shape["d_attn"]
+    if method == "full":
+        return 6 * shape["n_matmul"] + attention
+    return 4 * shape["n_matmul"] + 6 * shape["n_adapter"] + attention
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GEMM peak
+
+
+def gemm_peak(sizes: list[int], repeats: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """Best GFLOP/s of torch.matmul on square matrices (2 n^3 FLOPs each) over sizes and repeats."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    per_size = {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        torch.matmul(a, b)  # warm-up
+        sync()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        per_size[str(n)] = 2 * n**3 / best / 1e9
+        del a, b
+    return {"gflops": max(per_size.values()), "per_size_gflops": per_size, "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device), "torch_threads": torch.get_num_threads(), "repeats": repeats}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step timings -> the table's figures
+
+
+def summarise_steps(step_end_s: list[float], tokens_cum: list[int], start_s: float = 0.0) -> dict[str, Any]:
+    """Tokens/s and time per step from the end time and cumulative tokens of each optimizer step."""
+    ends = [start_s, *step_end_s]
+    durations = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    tokens = [b - a for a, b in zip([0, *tokens_cum], tokens_cum, strict=False)]
+    steady = durations[1:] or durations
+    steady_tokens = sum(tokens[1:]) if len(tokens) > 1 else sum(tokens)
+    steady_time = sum(steady)
+    return {
+        "steps": len(durations),
+        "tokens": int(sum(tokens)),
+        "step_time_s": durations,
+        "step_time_median_s": statistics.median(steady) if steady else None,
+        "step_time_min_s": min(steady) if steady else None,
+        "step_time_max_s": max(steady) if steady else None,
+        "tokens_per_s": steady_tokens / steady_time if steady_time > 0 else None,
+        "tokens_per_s_all_steps": sum(tokens) / sum(durations) if sum(durations) > 0 else None,
+        "warmup_excluded": len(durations) > 1,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Held-out loss (independent of peftlab's loss code)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """Total next-token NLL / predicted tokens over the blocks, from the model's full logits in float32."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(np.ascontiguousarray(blocks[start:start + batch_size])).to(device)
+        logits = model(input_ids=ids).logits[:, :-1, :].float()
+        target = ids[:, 1:]
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    model.train(was_training)
+    return {"eval_loss": nll / count, "eval_tokens": count}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def read_peak_rss_gb() -> float | None:
+    """VmHWM of this process in GiB (since start or the last reset)."""
+    from peftlab.measure import GB, peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    return peak / GB if peak is not None else None
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment for a worker process: offline, quiet tokenizers, and the thread count when one is fixed."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Pretty JSON, parent folders created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")

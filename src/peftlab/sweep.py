@@ -1,0 +1,491 @@
+"""Sweeps: a YAML grid of runs, each run in its own process, recorded in a SQLite store.
+
+A sweep file::
+
+    name: my-study                 # optional: shown in the report
+    base:                          # RunConfig fields shared by every run
+      model: smollm2-135m
+      train_subset: 64
+    grid:                          # axes; the runs are the cartesian product of the axes, in this order
+      task: [clm]                  # a plain axis: a config field and a list of values
+      shape:                       # a coupled axis: any other name and a list of mappings; each mapping sets
+        - {id: full, method: full} #   several fields together (an optional `id` names it in the run ids)
+        - {method: lora, r: 8, alpha: 16}
+      seed: [1, 2]
+
+expands to ``clm-full-seed1``, ``clm-full-seed2``, ``clm-lora-r8-a16-seed1``, ... Instead of ``grid:`` a file may
+give ``grids:``, a list of parts ``{id, base, grid}``: the runs are the union of each part's runs, a part's ``base``
+is merged over the top-level one, and its ``id`` starts its run ids (YAML anchors share a list between parts).
+
+Method fields (r, alpha, dropout, target_modules...) set in a ``base`` apply only to runs whose method takes them,
+so ``full`` runs can share a base with LoRA runs; set in the grid, they must apply. The sweep owns ``output_dir``
+(``DIR/runs/<id>``), ``overwrite`` and ``resume``.
+
+Every run is expanded and validated before anything starts. Re-running a sweep skips done runs, redoes runs that
+were queued or interrupted, and redoes failed runs only with ``retry_failed`` (a failure is usually the same on the
+next try: fix the cause, then pass ``--retry-failed``). A store written by a different sweep definition is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.config import RunConfig
+from peftlab.errors import UserError
+from peftlab.record import FAILED_FILE, RESULTS_FILE
+from peftlab.sweep_spec import PlannedRun, SweepSpec, load_sweep
+from peftlab.sweep_store import SweepStore, now_iso
+
+__all__ = ["PlannedRun", "SweepSpec", "load_sweep", "plan_sweep", "run_sweep"]
+
+#: Rough estimate when no similar run has finished yet: overhead (load + evaluation) plus training tokens at an
+#: assumed speed. Tokens per example: block_size (clm), min(max_length, 64) (classification), min(max_length,
+#: 192) (instruction); examples: max_steps x batch, else train_subset, else the dataset's known size. Unknown
+#: models: 20 tokens/s on CPU, 2000 on CUDA.
+ROUGH_OVERHEAD_S = 30.0
+ROUGH_TOKENS_PER_S = {"tiny-llama": 400.0, "tiny-mistral": 400.0, "smollm2-135m": 200.0, "minilm-l6": 1500.0}
+#: Training-set sizes of the named datasets (hub copies), for rough estimates of runs without a subset.
+KNOWN_TRAIN_SIZE = {"wikitext-2-raw-v1": ("tokens", 2_400_000), "sst2": ("examples", 67_349),
+                    "alpaca-libre": ("examples", 2_802), "tatsu-lab/alpaca": ("examples", 52_002)}
+#: Fields compared to find the most similar finished run, whose measured time then estimates a pending run.
+SIMILARITY_FIELDS = ("dataset", "method", "r", "train_subset", "eval_subset", "max_steps", "epochs", "block_size",
+                     "max_length", "batch_size", "grad_accum", "generation_subset", "max_new_tokens")
+
+
+# --- the store against the spec ------------------------------------------------------------------------------
+def check_store_matches(store: SweepStore, spec: SweepSpec) -> None:
+    """Refuse a store written by a different sweep definition, saying which runs differ."""
+    stored = store.get_meta("fingerprint")
+    if stored is None or stored == spec.fingerprint:
+        return
+    old = {r.id: r.definition for r in store.rows()}
+    new = {r.id: r.fields for r in spec.runs}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    changed = sorted(k for k in set(old) & set(new) if json.dumps(old[k], sort_keys=True, default=str)
+                     != json.dumps(new[k], sort_keys=True, default=str))
+    diff = "; ".join(f"{what}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
+                     for what, ids in (("added", added), ("removed", removed), ("changed", changed)) if ids)
+    raise UserError(f"{store.path} was written by a different sweep definition (fingerprint {stored}, this file "
+                    f"gives {spec.fingerprint}; {diff or 'run order differs'}); use a new --output-dir")
+
+
+def run_dir(out: Path, run_id: str) -> Path:
+    """Where a run writes its files."""
+    return out / "runs" / run_id
+
+
+# --- time estimates --------------------------------------------------------------------------------------------
+def rough_seconds(cfg: RunConfig) -> float | None:
+    """A rough run time from the config alone (see ROUGH_* and KNOWN_TRAIN_SIZE); None when the training size is
+    unknown."""
+    per_example = {"clm": cfg.block_size, "classification": min(cfg.max_length, 64)}.get(
+        cfg.task, min(cfg.max_length, 192))
+    if cfg.max_steps:
+        tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * per_example
+    elif cfg.train_subset:
+        tokens = cfg.train_subset * cfg.epochs * per_example
+    elif cfg.dataset in KNOWN_TRAIN_SIZE:
+        unit, size = KNOWN_TRAIN_SIZE[cfg.dataset]
+        tokens = size * cfg.epochs * (1 if unit == "tokens" else per_example)
+    else:
+        return None
+    rate = ROUGH_TOKENS_PER_S.get(cfg.model)
+    if rate is None:
+        import torch
+
+        rate = 2000.0 if torch.cuda.is_available() and cfg.device != "cpu" else 20.0
+    return ROUGH_OVERHEAD_S + tokens / rate
+
+
+def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float]]) -> tuple[float | None, str]:
+    """(seconds, how): the measured time of the most similar finished run (same model and task, then the most
+    fields of SIMILARITY_FIELDS in common; the mean over ties), else :func:`rough_seconds`."""
+    dumped = cfg.model_dump(mode="json")
+    best, times = -1, []
+    for config, wall in finished:
+        if config.get("model") != dumped["model"] or config.get("task") != dumped["task"]:
+            continue
+        score = sum(config.get(k) == dumped[k] for k in SIMILARITY_FIELDS)
+        if score > best:
+            best, times = score, [wall]
+        elif score == best:
+            times.append(wall)
+    if times:
+        return statistics.fmean(times), "measured"
+    return rough_seconds(cfg), "rough"
+
+
+def _finished_times(store: SweepStore | None) -> list[tuple[dict[str, Any], float]]:
+    if store is None:
+        return []
+    return [(r.results["config"], r.wall_s) for r in store.rows()
+            if r.status == "done" and r.results and r.wall_s is not None]
+
+
+# --- dry run ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanLine:
+    """One run in a dry-run listing."""
+
+    id: str
+    status: str  # status in the store; 'new' without a row, 'interrupted' for 'running' with no sweep alive
+    action: str  # 'run' | 'skip'
+    estimate_s: float | None
+    estimate_kind: str  # 'measured' | 'rough' | 'done'
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep would do now."""
+
+    spec: SweepSpec
+    output_dir: Path
+    lines: list[PlanLine]
+
+    @property
+    def to_run(self) -> list[PlanLine]:
+        return [line for line in self.lines if line.action == "run"]
+
+    @property
+    def estimate_s(self) -> float:
+        return sum(line.estimate_s or 0.0 for line in self.to_run)
+
+    @property
+    def unknown_estimates(self) -> int:
+        return sum(line.estimate_s is None for line in self.to_run)
+
+
+def _todo(status: str, retry_failed: bool) -> bool:
+    return status in ("new", "queued", "running", "interrupted") or (status == "failed" and retry_failed)
+
+
+def plan_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False) -> SweepPlan:
+    """Expand and validate the sweep and say what a run would do, writing nothing."""
+    spec = load_sweep(sweep_file)
+    out = Path(output_dir)
+    store = SweepStore.open(out, create=False, read_only=True) if (out / "sweep.sqlite").is_file() else None
+    try:
+        if store is not None:
+            check_store_matches(store, spec)
+        status = {r.id: r.status for r in store.rows()} if store else {}
+        if not sweep_is_running(out):  # a row left 'running' by a sweep that was killed
+            status = {k: "interrupted" if v == "running" else v for k, v in status.items()}
+        finished = _finished_times(store)
+        lines = []
+        for run in spec.runs:
+            st = status.get(run.id, "new")
+            if _todo(st, retry_failed):
+                seconds, kind = estimate_seconds(run.config, finished)
+                lines.append(PlanLine(run.id, st, "run", seconds, kind, run.fields))
+            else:
+                lines.append(PlanLine(run.id, st, "skip", None, "done", run.fields))
+    finally:
+        if store is not None:
+            store.close()
+    return SweepPlan(spec, out, lines)
+
+
+# --- running --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """A progress event for the CLI to show: a run started or ended, or the sweep started or ended."""
+
+    event: str  # 'sweep_start' | 'run_start' | 'run_end' | 'sweep_end'
+    total: int
+    done: int
+    failed: int
+    left: int
+    elapsed_s: float
+    eta_s: float | None
+    run_id: str | None = None
+    status: str | None = None
+    detail: str = ""
+    run_wall_s: float | None = None
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep invocation did."""
+
+    output_dir: Path
+    total: int
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def sweep_is_running(out: Path) -> bool:
+    """Whether a `peftlab sweep` process holds the folder's lock now."""
+    import fcntl
+
+    if not (out / "sweep.lock").is_file():
+        return False
+    with open(out / "sweep.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+@contextmanager
+def _exclusive_lock(out: Path) -> Iterator[None]:
+    """One sweep process per output folder (the lock goes away with the process, even on SIGKILL)."""
+    import fcntl
+
+    fh = open(out / "sweep.lock", "a+")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `peftlab sweep` is running on {out}; wait for it to finish or stop it") from None
+        yield
+    finally:
+        fh.close()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: on Linux, the run's process gets SIGKILL when the sweep process dies (even by SIGKILL)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+    def hook() -> None:
+        if libc is not None:
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the sweep died before prctl took effect
+                os._exit(1)
+
+    return hook
+
+
+def output_tail(log: Path, lines: int = 20) -> str:
+    """The last lines of a run's output, without progress-bar redraws."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(max(0, log.stat().st_size - 16384))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    parts = [p.rstrip() for p in re.split(r"[\r\n]+", text)]
+    return "\n".join([p for p in parts if p.strip()][-lines:])
+
+
+def failure_message(rdir: Path, returncode: int, tail: str) -> str:
+    """The error of a failed run: failed.json's error, else the signal, else the last error line of its output."""
+    failed = rdir / FAILED_FILE
+    if failed.is_file():
+        try:
+            error = json.loads(failed.read_text(encoding="utf-8")).get("error")
+        except (OSError, ValueError):
+            error = None
+        if error:
+            return str(error)
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else \
+            f"signal {-returncode}"
+        hint = " (often the system running out of memory)" if returncode == -signal.SIGKILL else ""
+        return f"the run's process was killed by {name}{hint}"
+    lines = tail.splitlines()
+    for line in reversed(lines):
+        if line.startswith("peftlab: error:"):
+            return line.removeprefix("peftlab: error:").strip()
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line):
+            return line.strip()
+    return f"exited with code {returncode}" + (f": {lines[-1].strip()}" if lines else " and no output")
+
+
+def headline(results: dict[str, Any]) -> str:
+    """'perplexity 17.31' for a progress line."""
+    metric = results.get("task", {}).get("metric")
+    value = ((results.get("metrics") or {}).get("after") or {}).get(metric)
+    return f"{metric} {value:.4g}" if isinstance(value, int | float) else ""
+
+
+def _adoptable(rdir: Path, run: PlannedRun) -> dict[str, Any] | None:
+    """results.json of an interrupted run that actually finished with this run's config, else None."""
+    from peftlab.config import RUN_DEFINING_FIELDS
+
+    path = rdir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    expected = run.config.model_dump(mode="json")
+    config = results.get("config") or {}
+    if results.get("status") == "done" and all(config.get(k) == expected[k] for k in RUN_DEFINING_FIELDS):
+        return results
+    return None
+
+
+def _write_run_config(out: Path, run: PlannedRun) -> Path:
+    from peftlab.record import atomic_write_text
+
+    path = out / "configs" / f"{run.id}.yaml"
+    data = {**run.fields, "output_dir": str(run_dir(out, run.id)), "overwrite": True}
+    atomic_write_text(path, f"# generated by `peftlab sweep` for run {run.id}\n"
+                      + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_command(config_path: Path) -> list[str]:
+    """The argument list that trains one run (never a shell string)."""
+    return [sys.executable, "-m", "peftlab", "train", "--config", str(config_path)]
+
+
+def _execute(out: Path, run: PlannedRun, store: SweepStore) -> tuple[str, str, float]:
+    """Run one config in its own process and record the result. Returns (status, detail, wall seconds)."""
+    rdir = run_dir(out, run.id)
+    for name in (RESULTS_FILE, FAILED_FILE):
+        (rdir / name).unlink(missing_ok=True)
+    config_path = _write_run_config(out, run)
+    log = out / "logs" / f"{run.id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.monotonic()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(run_command(config_path), stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent(os.getpid()))
+        store.mark_running(run.id, proc.pid)
+        try:
+            code = proc.wait()
+        except BaseException:  # Ctrl-C or any error in the sweep: stop the run, put it back in the queue
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            store.mark_queued(run.id, "interrupted: the sweep was stopped while this run was running")
+            raise
+    wall = time.monotonic() - start
+    tail = output_tail(log)
+    if code == 0 and (rdir / RESULTS_FILE).is_file():
+        results = json.loads((rdir / RESULTS_FILE).read_text(encoding="utf-8"))
+        store.mark_done(run.id, results, wall, code)
+        return "done", headline(results), wall
+    error = failure_message(rdir, code, tail) if code != 0 else "exited with code 0 but wrote no results.json"
+    store.mark_failed(run.id, error, wall, code, tail)
+    return "failed", error, wall
+
+
+def run_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False,
+              on_progress: Callable[[Progress], None] | None = None) -> SweepOutcome:
+    """Run every pending run of a sweep, one process per run, recording each in the store."""
+    spec = load_sweep(sweep_file)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {str(out)!r} is a file; choose a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    notify = on_progress or (lambda _p: None)
+    with _exclusive_lock(out):
+        store = SweepStore.open(out)
+        try:
+            check_store_matches(store, spec)
+            store.set_meta({"fingerprint": spec.fingerprint, "name": spec.name, "description": spec.description,
+                            "sweep_file": str(spec.path.resolve()), "updated": now_iso()})
+            store.add_runs([(r.id, r.fields) for r in spec.runs])
+            store.requeue_interrupted()
+            return _run_pending(out, spec, store, retry_failed, notify)
+        finally:
+            store.close()
+
+
+def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bool,
+                 notify: Callable[[Progress], None]) -> SweepOutcome:
+    status = {r.id: r.status for r in store.rows()}
+    todo = [r for r in spec.runs if _todo(status[r.id], retry_failed)]
+    todo_ids = {r.id for r in todo}
+    outcome = SweepOutcome(out, len(spec.runs), skipped=[r.id for r in spec.runs if r.id not in todo_ids])
+    started = time.monotonic()
+
+    def progress(event: str, **kw: Any) -> Progress:
+        counts = store.counts()
+        pending = [r for r in todo if store.row(r.id).status in ("queued", "running")]
+        finished = _finished_times(store)
+        estimates = [estimate_seconds(r.config, finished)[0] for r in pending]
+        eta = None if any(e is None for e in estimates) else sum(estimates)  # type: ignore[arg-type]
+        return Progress(event, len(spec.runs), counts["done"], counts["failed"], len(pending),
+                        time.monotonic() - started, eta, **kw)
+
+    notify(progress("sweep_start"))
+    for run in todo:
+        adopted = _adoptable(run_dir(out, run.id), run)
+        if adopted is not None:
+            store.mark_done(run.id, adopted, None, None, note="adopted: the run had finished when the sweep stopped")
+            outcome.ran.append(run.id)
+            notify(progress("run_end", run_id=run.id, status="done", detail="(finished before the sweep stopped)"))
+            continue
+        notify(progress("run_start", run_id=run.id))
+        result, detail, wall = _execute(out, run, store)
+        outcome.ran.append(run.id)
+        if result == "failed":
+            outcome.failed[run.id] = detail
+        notify(progress("run_end", run_id=run.id, status=result, detail=detail, run_wall_s=wall))
+    outcome.counts = store.counts()
+    outcome.failed.update({r.id: r.error or "" for r in store.rows() if r.status == "failed"})
+    notify(progress("sweep_end"))
+    return outcome
+
+
+# --- presentation helpers (strings only; the CLI prints them) ----------------------------------------------
+def format_duration(seconds: float | None) -> str:
+    """'1h02m', '3m05s', '42s', or '?'."""
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def format_progress(p: Progress) -> str:
+    """One progress line for the terminal."""
+    state = f"{p.done} done, {p.failed} failed, {p.left} left of {p.total} · ETA {format_duration(p.eta_s)}"
+    if p.event == "sweep_start":
+        return f"sweep: {state}"
+    if p.event == "run_start":
+        return f"[{p.done + p.failed + 1}/{p.total}] {p.run_id}: running"
+    if p.event == "run_end":
+        took = f" in {format_duration(p.run_wall_s)}" if p.run_wall_s is not None else ""
+        return f"[{p.done + p.failed}/{p.total}] {p.run_id}: {p.status}{took} {p.detail}".rstrip() + f" · {state}"
+    return f"sweep finished in {format_duration(p.elapsed_s)}: {p.done} done, {p.failed} failed of {p.total}"
+
+
+def format_plan(plan: SweepPlan) -> str:
+    """The dry-run listing: each run, its status and estimate, then the total."""
+    width = max(len(line.id) for line in plan.lines)
+    rows = [f"sweep {plan.spec.name!r}: {len(plan.lines)} runs, fingerprint {plan.spec.fingerprint}, "
+            f"output {plan.output_dir}"]
+    for line in plan.lines:
+        est = (f"~{format_duration(line.estimate_s)} ({line.estimate_kind})" if line.action == "run" else "")
+        rows.append(f"  {line.id:<{width}}  {line.status:<11}  {line.action:<4}  {est}".rstrip())
+    known = len(plan.to_run) - plan.unknown_estimates
+    estimate = f"estimated {format_duration(plan.estimate_s)}" if known else "no estimate"
+    if plan.unknown_estimates:
+        estimate += (f"{' + ' if known else ''} {plan.unknown_estimates} run(s) with unknown training size (set "
+                     "train_subset or max_steps)").replace("  ", " ")
+    rows.append(f"{len(plan.to_run)} to run, {len(plan.lines) - len(plan.to_run)} to skip; {estimate}")
+    return "\n".join(rows)
