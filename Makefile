@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export PEFTLAB_DATA_DIR ?= $(abspath ../shared/datasets)
 
-.PHONY: setup demo test lint bench clean-cache
+.PHONY: setup demo test lint bench study clean-cache
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,14 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_data_prep.py --out runs/bench/data_prep --repeats 5
+	$(BIN)/python benchmarks/bench_trainers.py --out runs/bench/trainers --steps 3
+
+study: setup
+	$(BIN)/peftlab sweep configs/cpu.yaml --output-dir sweeps/cpu
+	$(BIN)/peftlab report sweeps/cpu
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -68,6 +68,15 @@ def test_alpaca_template_with_input() -> None:
     assert "### Instruction:\nTranslate.\n\n### Input:\nbonjour\n\n### Response:\n" in text
 
 
+def test_chat_record_in_the_alpaca_template() -> None:
+    from peftlab.prompts import render_alpaca
+
+    example = Example(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                       {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}), "6")
+    assert render_alpaca(example) == ("Be brief.\n\n### Instruction:\n2+2?\n\n### Response:\n4\n\n"
+                                      "### Instruction:\n3+3?\n\n### Response:\n")
+
+
 def test_chat_masking_ends_with_the_end_of_turn_eos(tokenizer) -> None:
     encoder = PromptEncoder(tokenizer, choose_template("auto", tokenizer), max_length=512)
     assert encoder.template == "chat"  # SmolLM2's tokenizer has a chat template
@@ -130,17 +139,25 @@ def test_pack_rows_keeps_whole_examples_in_order() -> None:
     assert pack_rows([3, 4, 2, 5, 1], max_length=7) == [[0, 1], [2, 3], [4]]
 
 
-def test_packed_loss_equals_separate_losses(tokenizer, tiny_model) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_packed_loss_equals_separate_losses(tokenizer, tiny_model, chunked: bool) -> None:
     """Packed examples do not attend to each other: the packed loss is the sum of the separate losses."""
     from peftlab.tasks.instruction import response_loss_sum
 
     encoder = PromptEncoder(tokenizer, "alpaca", 512)
     items = [encoder.encode(alpaca_example(f"Instruction {i}.", "", "Answer " * (i + 1))) for i in range(3)]
+    pad = tokenizer.pad_token_id
     with torch.no_grad():
-        separate = sum(float(response_loss_sum(tiny_model, pad_batch([e], tokenizer.pad_token_id))) for e in items)
-        packed = packed_batch([items], pad_id=tokenizer.pad_token_id)
-        joined = float(response_loss_sum(tiny_model, packed))
-        padded = float(response_loss_sum(tiny_model, pad_batch(items, tokenizer.pad_token_id)))
+        separate = sum(float(response_loss_sum(tiny_model, pad_batch([e], pad), chunked)) for e in items)
+        joined = float(response_loss_sum(tiny_model, packed_batch([items], pad_id=pad), chunked))
+        padded = float(response_loss_sum(tiny_model, pad_batch(items, pad), chunked))
+    # The response-only loss by hand: -log p(label) at each labelled position, from the plain logits.
+    with torch.no_grad():
+        manual = 0.0
+        for e in items:
+            logp = tiny_model(input_ids=torch.tensor([e.ids])).logits[0].float().log_softmax(-1)
+            manual -= sum(float(logp[t - 1, e.ids[t]]) for t in range(e.prompt_len, len(e.ids)))
+    assert separate == pytest.approx(manual, rel=1e-4)
     assert joined == pytest.approx(separate, rel=1e-4)
     assert padded == pytest.approx(separate, rel=1e-4)
     # Tail padding of a shorter packed row is neither a real token nor a labelled one.

@@ -190,6 +190,58 @@ def _add_study_commands(sub: Any) -> None:
 _EXTRA_COMMANDS.append(_add_study_commands)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from peftlab import plan as planner
+    from peftlab.config import load_config
+
+    if args.seed_table:
+        rows = planner.seed_table(device=args.device if args.device in ("cpu", "cuda") else "cuda",
+                                  dtype=args.dtype if args.dtype not in (None, "auto") else "bfloat16",
+                                  batch_size=args.batch_size or 4, seq_len=args.block_size or 128,
+                                  grad_accum=args.grad_accum or 8)
+        print(json.dumps([dict(r, plan=r["plan"].as_dict()) for r in rows], indent=2) if args.json
+              else planner.format_seed_table(rows))
+        return 0
+    cfg = load_config(args.config, _overrides(args))
+    runtime = planner.runtime_bytes_option(args.runtime_gb, args.measure_runtime)
+    result = planner.plan_for_config(cfg, optimizer=args.optimizer, runtime_bytes=runtime)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else planner.format_plan(result))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from peftlab.merge import format_report, run_merge
+
+    report = run_merge(args.adapter, args.output_dir, _overrides(args), overwrite=args.overwrite)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _add_memory_commands(sub: Any) -> None:
+    plan = sub.add_parser("plan", help="predict peak memory per component without loading weights")
+    plan.add_argument("--config", help="YAML config to plan; flags override its fields")
+    plan.add_argument("--seed-table", action="store_true",
+                      help="predict every row of the seed's tables (7B models) next to the seed's claims")
+    plan.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default="adamw")
+    plan.add_argument("--runtime-gb", type=float, help="runtime term (default: calibrated constant)")
+    plan.add_argument("--measure-runtime", action="store_true",
+                      help="CPU: measure this machine's bare `import torch, transformers, peft` RSS for the runtime")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    _add_config_args(plan, ["model", "task", "method", "r", "alpha", "dropout", "target_modules", "block_size",
+                            "max_length", "batch_size", "grad_accum", "device", "dtype", "gradient_checkpointing"])
+    plan.set_defaults(func=cmd_plan)
+    merge = sub.add_parser("merge", help="fold a LoRA/IA3 adapter into its base and save a plain HF model")
+    merge.add_argument("--adapter", required=True, help="a run's adapter/ folder")
+    merge.add_argument("--output-dir", required=True, help="where to save the merged model")
+    merge.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
+    merge.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    _add_config_args(merge, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    merge.set_defaults(func=cmd_merge)
+
+
+_EXTRA_COMMANDS.append(_add_memory_commands)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -223,7 +223,7 @@ def detach_from_checkpoint_file(model: nn.Module) -> None:
     it. Copying them releases the mapping, and ``malloc_trim`` returns the heap freed while quantizing.
     """
     for module in model.modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor is not None and type(tensor).__name__ != "Params4bit" and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
     release_freed_memory()

@@ -30,6 +30,10 @@ class Method:
     mergeable: bool = False
     is_peft: bool = True
     make_optimizer: Callable[..., torch.optim.Optimizer] | None = field(default=None)
+    #: The adapter's initialisation changes the base weights (PiSSA): save the initial adapter before training
+    #: (adapters.save_initial_adapter) and convert at save time (adapters.adapter_save_kwargs), so that the saved
+    #: adapter is a plain LoRA that loads onto the original base.
+    converts_at_save: bool = False
 
 
 METHODS: dict[str, Method] = {}

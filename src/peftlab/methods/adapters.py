@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 from torch import nn
 
 from peftlab.methods import Method, register, resolve_targets
+
+#: Where a run keeps the adapter as initialised, for methods that convert at save time (PiSSA).
+INITIAL_ADAPTER_DIR = "adapter_init"
 
 LORA_FIELDS = frozenset({"r", "alpha", "dropout", "target_modules", "bias"})
 PEFT_TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
@@ -61,7 +67,8 @@ register(Method("dora", LORA_FIELDS, _lora_applier(use_dora=True),
 register(Method("rslora", LORA_FIELDS, _lora_applier(use_rslora=True),
                 "rank-stabilised LoRA: scaling alpha/sqrt(r) (Kalajdzievski 2023)", mergeable=True))
 register(Method("pissa", LORA_FIELDS, _lora_applier(init_lora_weights="pissa_niter_4"),
-                "LoRA initialised from the principal singular vectors (Meng et al. 2024)", mergeable=True))
+                "LoRA initialised from the principal singular vectors (Meng et al. 2024)", mergeable=True,
+                converts_at_save=True))
 register(Method("loraplus", LORA_FIELDS | {"loraplus_lr_ratio"}, _lora_applier(),
                 "LoRA with a higher learning rate for B (Hayou et al. 2024)", mergeable=True,
                 make_optimizer=_loraplus_optimizer))
@@ -69,3 +76,24 @@ register(Method("ia3", frozenset({"target_modules"}), _apply_ia3,
                 "learned rescaling vectors (Liu et al. 2022)", mergeable=True))
 register(Method("prefix", frozenset({"num_virtual_tokens"}), _apply_prefix,
                 "trainable prefix key/values per layer (Li & Liang 2021)"))
+
+
+def save_initial_adapter(model: nn.Module, method: Method, run_dir: str | Path) -> Path | None:
+    """Before training, save the adapter as initialised (only for methods that convert at save time).
+
+    PiSSA moves the principal components of each target weight out of the base (W_res = W - B0 A0) into the
+    adapter. Saving the initial adapter lets :func:`adapter_save_kwargs` turn the trained adapter into a plain
+    LoRA of rank 2r (delta W = B A - B0 A0) that loads onto the original, unmodified base model.
+    """
+    if not method.converts_at_save:
+        return None
+    target = Path(run_dir) / INITIAL_ADAPTER_DIR
+    model.save_pretrained(target, safe_serialization=True)
+    return target
+
+
+def adapter_save_kwargs(method: Method, run_dir: str | Path) -> dict[str, Any]:
+    """Extra ``save_pretrained`` arguments for the final adapter (peft's PiSSA-to-LoRA conversion)."""
+    if not method.converts_at_save:
+        return {}
+    return {"path_initial_model_for_weight_conversion": str(Path(run_dir) / INITIAL_ADAPTER_DIR)}

@@ -18,7 +18,13 @@ from torch import nn
 
 from peftlab.data.sources import DataSplit, SplitPlan, load_splits
 from peftlab.errors import UserError
-from peftlab.losses import IGNORE_INDEX, shifted_label_count
+from peftlab.losses import (
+    IGNORE_INDEX,
+    chunked_linear_cross_entropy,
+    output_head,
+    shift_labels,
+    shifted_label_count,
+)
 from peftlab.prompts import (
     Encoded,
     Example,
@@ -106,18 +112,24 @@ def parse_split(split: DataSplit) -> tuple[list[Example], int]:
                     f"{', '.join(map(str, have))}")
 
 
-def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled (response) tokens; padded or packed batches.
 
     ``use_cache=False``: besides saving memory, transformers only reads restarting position ids as packed
-    sequences (block-diagonal attention) when no cache is passed.
+    sequences (block-diagonal attention) when no cache is passed. ``chunked`` runs the LM head and the loss in
+    token chunks, as the causal-LM task does (:func:`peftlab.losses.chunked_linear_cross_entropy`).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), use_cache=False)
-    logits = out.logits[:, :-1, :]
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+              "position_ids": batch.get("position_ids"), "use_cache": False}
+    labels = shift_labels(batch["labels"])
+    head = output_head(model) if chunked else None
+    if head is not None:
+        out = model(**inputs, output_hidden_states=True,
+                    logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device))
+        return chunked_linear_cross_entropy(out.hidden_states[-1], head.weight, labels)
+    logits = model(**inputs).logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 @register
@@ -198,7 +210,7 @@ class InstructionTask(Task):
         return shifted_label_count(batch["labels"])
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return response_loss_sum(model, batch)
+        return response_loss_sum(model, batch, chunked=self.cfg.chunked_ce)
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         if "token_mask" in batch:
@@ -216,7 +228,7 @@ class InstructionTask(Task):
         size = self._eval_size()
         for start in range(0, len(self.eval_enc), size):
             batch = pad_batch(self.eval_enc[start:start + size], self.pad_id, self.device)
-            nll += float(response_loss_sum(model, batch))
+            nll += float(response_loss_sum(model, batch, chunked=self.cfg.chunked_ce))
             count += shifted_label_count(batch["labels"])
         mean = nll / count
         return {"eval_loss": mean, "perplexity": math.exp(mean), "eval_tokens": count}
