@@ -14,8 +14,18 @@ from peftlab.config import load_config
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum
 from peftlab.methods import get_method
-from peftlab.plan import (BUILTIN_ARCHS, GIB, PlanInput, arch_from_config, estimate_for_run, load_arch,
-                          loaded_weight_bytes, plan_input_from_config, plan_memory, seed_table)
+from peftlab.plan import (
+    BUILTIN_ARCHS,
+    GIB,
+    PlanInput,
+    arch_from_config,
+    estimate_for_run,
+    load_arch,
+    loaded_weight_bytes,
+    plan_input_from_config,
+    plan_memory,
+    seed_table,
+)
 
 # V 10, hidden 8, MLP 16, 2 layers, 2 heads of 4 (q width 8), 1 kv head (kv width 4), tied embeddings.
 TINY = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
@@ -46,13 +56,16 @@ def test_lora_components_by_hand(tiny_folder):
     assert plan.peak_phase == "forward_backward"
     assert plan.components == {"runtime": RUNTIME, "base_weights": 1272 * 4, "trainable_weights": trainable,
                                "optimizer_states": 2 * trainable, "gradients": trainable,
-                               "activations": activations, "logits_ce": 12 * 4 * 10, "optimizer_step_temp": 0}
-    assert plan.peak_bytes == 1000 + 5088 + 448 + 896 + 448 + 4224 + 480
+                               "activations": activations, "logits_ce": 12 * 4 * 10 + 4 * 8 * 4,
+                               "optimizer_step_temp": 0}  # logits: 12 B per logit + the hidden-state gradient
+    assert plan.peak_bytes == 1000 + 5088 + 448 + 896 + 448 + 4224 + 480 + 128
 
 
 def test_full_finetuning_peaks_at_the_optimizer_step(tiny_folder):
     arch = load_arch(str(tiny_folder))
-    plan = plan_memory(arch, PlanInput(method="full", batch_size=1, seq_len=4, grad_accum=1), RUNTIME)
+    unfused = PlanInput(method="full", batch_size=1, seq_len=4, grad_accum=1, fused_optimizer=False,
+                        chunked_ce=False)
+    plan = plan_memory(arch, unfused, RUNTIME)
     weights = 1272 * 4
     assert plan.peak_phase == "optimizer_step"
     # step: weights + gradients + two AdamW states + two copies of the largest tensor (a 16x8 MLP weight)
@@ -63,6 +76,18 @@ def test_full_finetuning_peaks_at_the_optimizer_step(tiny_folder):
     layer = 4 * (16 + 16 + 8 + 48) + 4 * (2 + 2) + 4 * (4 * 8 + 16)
     acts = 4 * (2 * layer + 3 * 4 * 8)
     assert plan.phases["forward_backward"] == RUNTIME + weights + 2 * weights + 80 * 4 + acts + 480
+    # the fused AdamW that training uses by default needs no step temporaries
+    fused = plan_memory(arch, PlanInput(method="full", batch_size=1, seq_len=4, grad_accum=1), RUNTIME)
+    assert fused.phases["optimizer_step"] == RUNTIME + 4 * weights
+
+
+def test_chunked_cross_entropy_holds_one_chunk_of_logits(tiny_folder):
+    arch = load_arch(str(tiny_folder))
+    common = dict(method="lora", r=2, batch_size=4, seq_len=512, grad_accum=1)  # 2048 tokens, chunks of 1024
+    chunked = plan_memory(arch, PlanInput(**common), RUNTIME).components["logits_ce"]
+    plain = plan_memory(arch, PlanInput(**common, chunked_ce=False), RUNTIME).components["logits_ce"]
+    assert chunked == 12 * 1024 * 10 + 2048 * 8 * 4  # one chunk's logits + the hidden-state gradient
+    assert plain == 12 * 2048 * 10
 
 
 def test_gradient_checkpointing_keeps_layer_inputs_only(tiny_folder):
@@ -106,7 +131,7 @@ def test_activations_match_what_autograd_saves(extra):
     ids = torch.randint(0, 1000, (2, 64))
     measured = saved_activation_bytes(model, {"input_ids": ids, "labels": ids})
     plan = plan_memory(arch_from_config(config, "tiny"), plan_input_from_config(cfg), RUNTIME)
-    saved_logprobs = 2 * 63 * 1000 * 4  # the log-softmax output over the vocabulary, saved by cross-entropy
+    saved_logprobs = 2 * 64 * 1000 * 4  # the log-softmax output over the vocabulary, saved by cross-entropy
     assert plan.components["activations"] + saved_logprobs == pytest.approx(measured, rel=0.05)
 
 

@@ -243,7 +243,14 @@ _EXTRA_COMMANDS.append(_add_memory_commands)
 
 
 def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns on every import that an optional hub-downloaded CPU kernel is missing; it falls back to
+    # its built-in kernels. transformers' deprecation notices are for library authors, not for users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     try:
         import transformers
 

@@ -29,21 +29,25 @@ Components:
   activation peak (the start of backward).
 * **optimizer states**: AdamW two states per trainable weight at its dtype (fp32 for adapters); adamw8bit two bytes;
   sgd none.
-* **optimizer step temporaries**: CPU (single-tensor AdamW): two copies of the largest trainable tensor; CUDA
-  (foreach AdamW): one copy of all trainable weights.
+* **optimizer step temporaries**: none for the fused AdamW that training uses by default (``fused_optimizer``);
+  otherwise CPU (single-tensor AdamW): two copies of the largest trainable tensor, CUDA (foreach AdamW): one copy of
+  all trainable weights.
 * **activations** (tensors saved for backward, per token and layer): frozen base: norm inputs 2h, q and attention
   output 2 q_dim, k and v 2 kv_dim (SDPA keeps GQA unexpanded), MLP 3 i (activation input/output, up), at ``a`` bytes,
   plus per token 2 norm statistics and one log-sum-exp per head in fp32. Full fine-tuning adds the inputs the weight
   gradients need: 2h normalized + 2h norm outputs + i (down_proj input), and 3h at the head. LoRA adds per target
   r (fp32) and, with dropout, its output and mask (CPU: 2 d_in fp32; CUDA: d_in fp32 + d_in bool). Gradient
   checkpointing keeps only each layer's input (h) plus one layer recomputed. QLoRA computes activations in fp32.
-* **logits/cross-entropy**: 12 bytes per token per vocabulary entry (logits, the shifted fp32 copy and the
-  log-softmax output in forward; the log-softmax output and two gradient buffers in backward).
+* **logits/cross-entropy**: 12 bytes per vocabulary entry per token of one chunk: with ``chunked_ce`` (the
+  default) the LM head and the loss run over chunks of 1024 tokens, holding a chunk's fp32 logits, the shifted
+  logits and the softmax gradient, plus the gradient of the hidden states (h per token); without it, the logits,
+  the log-softmax output and two gradient buffers over every token.
 
 The activation terms were checked against the tensors autograd actually saves (``saved_tensors_hooks``) on
 smollm2-135m and tiny random models (tests/test_plan.py). On CPU the measured figure is peak RSS; glibc keeps freed
-heap pages, which adds an unpredictable 20-40 % slack unless large allocations are mmapped
-(``MALLOC_MMAP_THRESHOLD_=131072``), see benchmarks/memory_methods.py.
+heap pages, which adds a slack that grows over the first steps and that no formula predicts (on smollm2-135m,
+3 steps: full +17 %, LoRA +27 %, QLoRA +40-75 %) unless large allocations are mmapped and returned on free
+(``MALLOC_MMAP_THRESHOLD_=131072`` or ``mallopt(M_MMAP_THRESHOLD, 131072)``); see benchmarks/memory_methods.py.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ BARE_IMPORT_RSS_GIB = 0.415
 RUN_OVERHEAD_GIB = 0.07
 CUDA_CONTEXT_GIB = 0.5
 CE_BYTES_PER_LOGIT = 12
+CE_CHUNK = 1024  # tokens per chunk of peftlab.losses.chunked_linear_cross_entropy
 NF4_BLOCK = 64
 DQ_BLOCK = 256
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -217,6 +222,8 @@ class PlanInput:
     double_quant: bool = True
     num_virtual_tokens: int = 20
     vocab_logits: bool = True  # a language-modelling head (False: a classifier with few outputs)
+    chunked_ce: bool = True
+    fused_optimizer: bool = True
 
 
 @dataclass
@@ -363,8 +370,8 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
     grads = trainable
     states = {"adamw": 2 * trainable, "adamw8bit": 2 * n_train, "sgd": 0}[inp.optimizer]
     step_temp = trainable if inp.device == "cuda" else 2 * largest * pbytes
-    if inp.optimizer == "sgd":
-        step_temp = 0
+    if inp.optimizer == "sgd" or (inp.fused_optimizer and inp.method != "loraplus"):
+        step_temp = 0  # fused AdamW updates in place (LoRA+ builds its own, unfused optimizer)
     tokens = inp.batch_size * inp.seq_len
     per_token, _ = activation_bytes_per_token(arch, inp)
     acts = tokens * per_token
@@ -373,7 +380,12 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
     if inp.method == "dora":  # one dense B @ A product at a time (the weight norm)
         shapes = arch.linear_shapes()
         acts += max(4 * shapes[t][0] * shapes[t][1] for t in resolve_plan_targets(arch, inp))
-    logits = CE_BYTES_PER_LOGIT * tokens * arch.vocab_size if inp.vocab_logits else 0
+    logits = 0
+    if inp.vocab_logits and inp.chunked_ce:
+        act_bytes = 4 if inp.method == "qlora" else DTYPE_BYTES[inp.dtype]
+        logits = CE_BYTES_PER_LOGIT * min(tokens, CE_CHUNK) * arch.vocab_size + tokens * arch.hidden_size * act_bytes
+    elif inp.vocab_logits:
+        logits = CE_BYTES_PER_LOGIT * tokens * arch.vocab_size
     held = grads
     if inp.method == "full" and inp.grad_accum == 1:
         held = arch.vocab_size * arch.hidden_size * pbytes  # the output layer's gradient, first in backward
@@ -412,7 +424,8 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
                      batch_size=cfg.batch_size, seq_len=seq_len, grad_accum=cfg.grad_accum, optimizer=optimizer,
                      gradient_checkpointing=cfg.gradient_checkpointing, device=device, dtype=dtype,
                      double_quant=cfg.double_quant, num_virtual_tokens=cfg.num_virtual_tokens,
-                     vocab_logits=task_kind == "causal_lm")
+                     vocab_logits=task_kind == "causal_lm", chunked_ce=getattr(cfg, "chunked_ce", True),
+                     fused_optimizer=getattr(cfg, "fused_optimizer", True))
 
 
 def loaded_weight_bytes(model) -> dict[str, int]:
@@ -509,8 +522,8 @@ def seed_table(device: str = "cuda", dtype: str = "bfloat16", batch_size: int = 
     return rows
 
 
-def format_gb(n: float) -> str:
-    return f"{n / GIB:.2f}"
+def format_gb(n: float, digits: int = 2) -> str:
+    return f"{n / GIB:.{digits}f}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -521,10 +534,10 @@ def format_plan(plan: Plan) -> str:
              f"{inp.seq_len}, accumulation {inp.grad_accum}, {inp.optimizer}"
              f"{', gradient checkpointing' if inp.gradient_checkpointing else ''}",
              f"{'component':<22}{'GiB':>10}"]
-    lines += [f"{k:<22}{format_gb(v):>10}" for k, v in plan.components.items()]
-    lines.append(f"{'peak (' + plan.peak_phase + ')':<22}{format_gb(plan.peak_bytes):>10}")
+    lines += [f"{k:<22}{format_gb(v, 3):>10}" for k, v in plan.components.items()]
+    lines.append(f"{'peak (' + plan.peak_phase + ')':<26}{format_gb(plan.peak_bytes, 3):>6}")
     other = [k for k in plan.phases if k != plan.peak_phase][0]
-    lines.append(f"({other}: {format_gb(plan.phases[other])} GiB)")
+    lines.append(f"({other}: {format_gb(plan.phases[other], 3)} GiB)")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -546,7 +559,7 @@ def format_seed_table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {row['model']} | {kind} | {cfg} | {format_gb(weights)} | {format_gb(optim)} | "
                    f"{format_gb(c['activations'] + c['logits_ce'])} | {format_gb(c['runtime'])} | "
                    f"{format_gb(row['plan'].peak_bytes)} | {row['seed_claimed']} |")
-    out.append("\nweights: base (4-bit for QLoRA) plus trainable weights, at the moment of the peak (full fine-tuning "
-               "peaks at the optimizer step: weights, gradients, two AdamW states and foreach temporaries). The "
-               "seed's ~6 GB for LoRA on a 7B model is below the bf16 weights alone.")
+    out.append("\nweights: frozen base (4-bit NF4 for QLoRA) plus trainable weights; gradients+optimizer: the "
+               "gradients held at the peak (all of them, with accumulation) and two fused-AdamW states per trainable "
+               "weight. The seed's ~6 GB for LoRA on a 7B model is below the bf16 weights alone.")
     return "\n".join(out)

@@ -25,6 +25,7 @@ from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
 from peftlab.models import LoadedModel, load_model, resolve_device
+from peftlab.plan import estimate_for_run
 from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
 from peftlab.summary import format_result_row
 from peftlab.tasks import TASKS, Task
@@ -372,6 +373,7 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
             "train": vars(meter.phases["train"]),
             "headline_gb": meter.headline_gb("train"),
             "headline_kind": "cuda_max_reserved" if device.type == "cuda" else "cpu_peak_rss_train",
+            "estimate": estimate_for_run(cfg, accelerator.unwrap_model(model)),
         },
         "artifact": {"path": str(saved), "kind": "adapter" if method.is_peft else "model",
                      "size_bytes": folder_size_bytes(saved) if saved.exists() else None},
@@ -394,5 +396,5 @@ def _adapter_targets(model: nn.Module) -> list[str] | None:
     peft_config = getattr(model, "peft_config", None)
     if not peft_config:
         return None
-    targets = next(iter(peft_config.values())).target_modules
+    targets = getattr(next(iter(peft_config.values())), "target_modules", None)  # prefix tuning has none
     return sorted(targets) if targets else None
