@@ -24,6 +24,7 @@ from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
+from peftlab.methods.adapters import INITIAL_ADAPTER_DIR, adapter_save_kwargs, save_initial_adapter
 from peftlab.models import LoadedModel, load_model, resolve_device
 from peftlab.plan import estimate_for_run
 from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
@@ -240,7 +241,7 @@ def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: Run
     model = accelerator.unwrap_model(model)
     target = run.path / ("adapter" if method.is_peft else "model")
     if accelerator.is_main_process:
-        model.save_pretrained(target, safe_serialization=True)
+        model.save_pretrained(target, safe_serialization=True, **adapter_save_kwargs(method, run.path))
         loaded.tokenizer.save_pretrained(target)
         for name, text in (extra_files or {}).items():
             (target / name).write_text(text, encoding="utf-8")
@@ -306,6 +307,8 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     load_timer.start()
     meter.start("load")
     loaded, model = prepare_model(cfg, task, method)
+    if accelerator.is_main_process and not (run.path / INITIAL_ADAPTER_DIR).is_dir():
+        save_initial_adapter(model, method, run.path)  # PiSSA: needed to save a plain LoRA at the end
     task.build(loaded.tokenizer, model)
     meter.stop()
     load_timer.stop()
