@@ -63,3 +63,13 @@ def test_bad_yaml_and_missing_file(tmp_path):
     bad.write_text("r: [1,\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "full", "qlora", "prefix"])
+def test_a_runs_saved_config_loads_again(tmp_path, method):
+    from peftlab.record import RunDir
+
+    cfg = load_config(None, {"method": method, "output_dir": str(tmp_path / "run")})
+    RunDir.open_for(cfg)
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again.model_dump() == cfg.model_dump()

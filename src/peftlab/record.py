@@ -93,6 +93,14 @@ def default_run_name(cfg) -> str:
     return f"{model}-{cfg.task}-{cfg.method}{shape}-{stamp}"
 
 
+def reloadable_config(cfg) -> dict[str, Any]:
+    """The resolved config, minus method fields its method does not take, so that `--config` accepts it again."""
+    from peftlab.methods import METHOD_FIELDS, METHODS
+
+    accepted = METHODS[cfg.method].fields
+    return {k: v for k, v in cfg.model_dump().items() if k not in METHOD_FIELDS or k in accepted}
+
+
 class RunDir:
     """A run's folder. Created before heavy work; results.json only appears when the run finishes."""
 
@@ -115,7 +123,7 @@ class RunDir:
             stale = [RESULTS_FILE, FAILED_FILE] + ([] if resuming else [METRICS_FILE])
             for name in stale:
                 (path / name).unlink(missing_ok=True)
-            atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+            atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(reloadable_config(cfg), sort_keys=False))
         return run
 
     def log_metrics(self, row: dict[str, Any]) -> None:
