@@ -112,8 +112,8 @@ def test_tables_follow_the_seed_layout_with_mean_and_std(sweep_dir):
 def test_notes_state_subsets_baselines_and_best(sweep_dir):
     tables = {t.task: t for t in build_tables(read_sweep(sweep_dir).finished)}
     notes = "\n".join(tables["clm"].notes)
-    assert ("Data: train mirror:wikitext-2-raw-v1/validation.txt (64 of 2085 blocks); "
-            "eval mirror:wikitext-2-raw-v1/test.txt (16 of 2370 blocks).") in notes
+    assert ("Data: train: mirror:wikitext-2-raw-v1/validation.txt (64 of 2085 blocks); "
+            "eval: mirror:wikitext-2-raw-v1/test.txt (16 of 2370 blocks).") in notes
     assert "Data note: trained on 'validation', evaluated on 'test'." in notes
     assert "Before training (base model smollm2-135m, same evaluation data): Perplexity ↓ 30.00." in notes
     assert "Before training (4-bit base smollm2-135m, same evaluation data): Perplexity ↓ 31.00." in notes

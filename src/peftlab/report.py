@@ -19,7 +19,7 @@ from typing import Any
 from peftlab.config import RUN_DEFINING_FIELDS
 from peftlab.errors import UserError
 from peftlab.record import METRICS_FILE, atomic_write_text
-from peftlab.summary import lora_shape, training_type
+from peftlab.summary import data_used, lora_shape, training_type
 from peftlab.sweep_store import SweepStore
 
 #: Known task metrics: key -> (label, higher is better). Extra columns appear when runs report them.
@@ -283,16 +283,7 @@ def build_tables(runs: list[FinishedRun]) -> list[TaskTable]:
 
 
 def _data_line(results: dict[str, Any]) -> str:
-    data = results.get("data") or {}
-    used = []
-    for role in ("train", "eval"):
-        part = data.get(role) or {}
-        if part:
-            unit = "blocks" if "blocks_used" in part else "examples"
-            n_used = part.get("blocks_used", part.get("examples_used"))
-            n_total = part.get("blocks_total", part.get("examples_total"))
-            used.append(f"{role} {part.get('source')} ({n_used} of {n_total} {unit})")
-    return "; ".join(used)
+    return "; ".join(data_used(results))
 
 
 def table_notes(table: TaskTable) -> list[str]:

@@ -53,7 +53,13 @@ def format_result_row(results: dict[str, Any]) -> str:
         if row:
             row += (f" {format_metric((results['metrics'].get('before') or {}).get(name))} → "
                     f"{format_metric(results['metrics']['after'][name])} |")
-    data = results.get("data", {})
+    notes = "; ".join(data_used(results) + list((results.get("data") or {}).get("notes", [])))
+    return "\n".join([header, "|---|---|---|---|---|---|" + "---|" * len(extras), row, f"data: {notes}"])
+
+
+def data_used(results: dict[str, Any]) -> list[str]:
+    """'train: <source> (N of M blocks)' and the same for eval: which data (and subset) a run used."""
+    data = results.get("data") or {}
     used = []
     for role in ("train", "eval"):
         part = data.get(role) or {}
@@ -62,5 +68,4 @@ def format_result_row(results: dict[str, Any]) -> str:
             n_used = part.get("blocks_used", part.get("examples_used"))
             n_total = part.get("blocks_total", part.get("examples_total"))
             used.append(f"{role}: {part.get('source')} ({n_used} of {n_total} {unit})")
-    notes = "; ".join(used + list(data.get("notes", [])))
-    return "\n".join([header, "|---|---|---|---|---|---|" + "---|" * len(extras), row, f"data: {notes}"])
+    return used
