@@ -36,6 +36,15 @@ class Task:
         """Read and validate raw data."""
         raise NotImplementedError
 
+    def load_plan(self):
+        """Resolve the train/eval splits (``self.plan``), keeping the note when the mirror forced a substitute."""
+        from peftlab.data.sources import load_splits
+
+        self.plan = load_splits(self.cfg)
+        if self.plan.note:
+            self.notes.append(self.plan.note)
+        return self.plan
+
     def model_kwargs(self) -> dict[str, Any]:
         """Extra arguments for loading the model (e.g. the label set)."""
         return {}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.data.sources import DataSplit, SplitPlan, load_splits
+from peftlab.data.sources import DataSplit, SplitPlan
 from peftlab.errors import UserError
 from peftlab.tasks import Task, register
 
@@ -120,9 +120,7 @@ class ClassificationTask(Task):
     # --- raw data -------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
-        self.plan: SplitPlan = load_splits(cfg)
-        if self.plan.note:
-            self.notes.append(self.plan.note)
+        self.plan: SplitPlan = self.load_plan()
         needed = {cfg.text_column: "--text-column", cfg.label_column: "--label-column"}
         if cfg.text_pair_column:
             needed[cfg.text_pair_column] = "--text-pair-column"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peftlab.data.sources import DataSplit, SplitPlan, load_splits
+from peftlab.data.sources import DataSplit, SplitPlan
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum, shifted_label_count
 from peftlab.tasks import Task, register
@@ -105,9 +105,7 @@ class CausalLMTask(Task):
     higher_is_better = False
 
     def load(self) -> None:
-        self.plan: SplitPlan = load_splits(self.cfg)
-        if self.plan.note:
-            self.notes.append(self.plan.note)
+        self.plan: SplitPlan = self.load_plan()
         for split in (self.plan.train, self.plan.eval):
             if split.records and self.cfg.text_column not in split.records[0]:
                 have = ", ".join(map(str, split.records[0].keys()))

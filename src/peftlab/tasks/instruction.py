@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.data.sources import DataSplit, SplitPlan, load_splits
+from peftlab.data.sources import DataSplit, SplitPlan
 from peftlab.errors import UserError
 from peftlab.losses import (
     IGNORE_INDEX,
@@ -143,9 +143,7 @@ class InstructionTask(Task):
     # --- raw data -------------------------------------------------------------------------------------------
     def load(self) -> None:
         cfg = self.cfg
-        self.plan: SplitPlan = load_splits(cfg)
-        if self.plan.note:
-            self.notes.append(self.plan.note)
+        self.plan: SplitPlan = self.load_plan()
         examples = {}
         for role, split, subset in (("train", self.plan.train, cfg.train_subset),
                                     ("eval", self.plan.eval, cfg.eval_subset)):
