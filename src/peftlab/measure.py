@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +146,3 @@ def folder_size_bytes(path: Path) -> int:
     """Bytes of all files under a folder."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
-
-def thread_settings() -> dict[str, int | str | None]:
-    """Thread counts in effect (they change CPU speed a lot)."""
-    return {"torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

@@ -7,7 +7,6 @@ file when such a file exists, else a hub dataset id.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +171,3 @@ def load_splits(cfg, holdout_fraction: float = 0.05) -> SplitPlan:
         note = f"no eval dataset given: held out the last {n_hold} records of {cfg.dataset} for evaluation"
     return SplitPlan(train, evaluation, note)
 
-
-def combined_fingerprint(*parts: str) -> str:
-    """A short stable hash of several fingerprints."""
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
