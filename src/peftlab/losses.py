@@ -32,7 +32,7 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked
     head = output_head(model) if chunked else None
     if head is not None:
         return causal_lm_loss_sum_chunked(model, batch, head)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     logits = out.logits
     if logits.dtype != torch.float32:
         logits = logits.float()
@@ -60,16 +60,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             valid = y != IGNORE_INDEX
             if not bool(valid.any()):
                 continue
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
             safe_y = torch.where(valid, y, torch.zeros_like(y))
+            logits = (h @ weight.T).float()
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
+            # softmax in place: one [chunk, vocab] buffer, no separate log-softmax or exp tensors
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
             total += ((lse - target) * valid).sum()
             # d loss / d logits = softmax - onehot, on valid rows only
-            grad_logits = torch.exp(logits - lse[:, None])
-            grad_logits.scatter_add_(1, safe_y[:, None], -torch.ones_like(target[:, None]))
-            grad_logits *= valid[:, None]
-            grad_logits = grad_logits.to(hidden.dtype)
+            keep = valid[:, None].to(probs.dtype)
+            probs.mul_(keep / row_sum)
+            probs.scatter_add_(1, safe_y[:, None], -keep)
+            grad_logits = probs.to(hidden.dtype)
             grad_hidden[start:start + chunk] = grad_logits @ weight
             if need_weight_grad:
                 grad_weight += (grad_logits.T @ h).float()
@@ -113,5 +117,5 @@ def causal_lm_loss_sum_chunked(model: nn.Module, batch: dict[str, torch.Tensor],
     """As :func:`causal_lm_loss_sum`, but the LM head and the loss run in chunks (no full logits)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device),
-                output_hidden_states=True)
+                output_hidden_states=True, use_cache=False)
     return chunked_linear_cross_entropy(out.hidden_states[-1], head.weight, shift_labels(batch["labels"]), chunk)
