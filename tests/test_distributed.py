@@ -63,18 +63,22 @@ def single_process(tmp_path_factory) -> tuple[list[dict], dict]:
 def _launchers(port: int) -> dict[str, list[str]]:
     return {
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        "peftlab --processes": [sys.executable, "-m", "peftlab", "train", "--processes", "2"],
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                        "--main_process_port", str(port)],
     }
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "peftlab --processes"])
 def test_two_processes_match_one_process(launcher, single_process, tmp_path):
     one_rows, one_results = single_process
     out = tmp_path / "run"
-    _run([*_launchers(_free_port())[launcher], "-m", "peftlab", *TRAIN_ARGS, "--grad-accum", "1",
-          "--output-dir", str(out)], tmp_path)
+    args = [*TRAIN_ARGS, "--grad-accum", "1", "--output-dir", str(out)]
+    if launcher == "peftlab --processes":  # peftlab's own launcher: the same train arguments, after the flag
+        _run([*_launchers(0)[launcher], *args[1:]], tmp_path)
+    else:
+        _run([*_launchers(_free_port())[launcher], "-m", "peftlab", *args], tmp_path)
     two_rows, two_results = _records(out)
 
     # Only rank 0 writes: one metrics line per step, one result, one adapter.
@@ -82,6 +86,11 @@ def test_two_processes_match_one_process(launcher, single_process, tmp_path):
     assert two_results["timing"]["processes"] == 2 and one_results["timing"]["processes"] == 1
     assert two_results["machine"]["torch_threads"] == 1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # Memory: both processes' training peaks are gathered to rank 0; the headline stays rank 0's own.
+    per_process = two_results["memory"]["train_per_process"]
+    assert len(per_process) == 2 and all(p["cpu_peak_rss_gb"] > 0 for p in per_process)
+    assert per_process[0]["cpu_peak_rss_gb"] == pytest.approx(two_results["memory"]["train"]["cpu_peak_rss_gb"])
+    assert len(one_results["memory"]["train_per_process"]) == 1
 
     # Same global batch: 8 blocks of 128 tokens per step on both layouts.
     expected_tokens = [BATCH * 2 * BLOCK * step for step in range(1, STEPS + 1)]

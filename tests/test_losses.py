@@ -38,6 +38,21 @@ def test_chunked_cross_entropy_matches_plain_with_weight_grad():
     torch.testing.assert_close(f_w, g_w, rtol=1e-5, atol=1e-6)
 
 
+def test_reused_logits_buffer_leaves_earlier_losses_intact():
+    """Two losses built before either backward pass (as with several micro-batches) share the scratch buffer."""
+    torch.manual_seed(1)
+    weight = torch.randn(30, 8)
+    inputs = [torch.randn(12, 8, requires_grad=True) for _ in range(2)]
+    labels = [torch.randint(0, 30, (12,)) for _ in range(2)]
+    losses = [chunked_linear_cross_entropy(h, weight, y, chunk=5) for h, y in zip(inputs, labels, strict=True)]
+    for h, y, loss in zip(inputs, labels, losses, strict=True):
+        (got,) = torch.autograd.grad(loss, h)
+        plain = F.cross_entropy(h @ weight.T, y, reduction="sum")
+        (want,) = torch.autograd.grad(plain, h)
+        torch.testing.assert_close(loss, plain, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_model_loss_matches_plain_for_lora():
     cfg = load_config(None, {"model": "tiny-llama", "dropout": 0.0})
     model = get_method("lora").apply(load_model(cfg).model, cfg, "causal_lm")

@@ -83,6 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides["resume"] = args.resume
     cfg = load_config(args.config, overrides)
+    if args.processes is not None and args.processes != 1:
+        from peftlab.launch import launch_train
+        from peftlab.models import resolve_device
+
+        return launch_train(args.argv, args.processes, resolve_device(cfg.device).type)
     run_training(cfg)
     return 0
 
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a model and record the run")
     train.add_argument("--config", help="YAML config; flags override its fields")
+    train.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="data-parallel processes on this machine, launched through torchrun (default 1); "
+                            "the global batch is batch_size x grad_accum x N")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue from the newest valid checkpoint in --output-dir, or from PATH")
     _add_config_args(train)
@@ -263,7 +271,9 @@ def _quiet_libraries() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a subcommand; a UserError prints one line and returns 2."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         _quiet_libraries()
         return args.func(args)

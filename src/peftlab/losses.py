@@ -40,6 +40,25 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def _logits_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused [rows, vocab] buffer for one chunk's logits.
+
+    Allocating ~100 MB afresh for every micro-batch makes the allocator map and zero new pages each time (on CPU,
+    glibc serves blocks over 32 MB with mmap): about 25k page faults per micro-batch. One buffer per shape is kept
+    instead; the buffer is scratch space, never part of the autograd graph.
+    """
+    key = (rows, vocab, dtype, device)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        if len(_WORKSPACE) >= 2:  # a full chunk and a batch's last, shorter one; drop the older of two
+            del _WORKSPACE[next(iter(_WORKSPACE))]
+        buf = _WORKSPACE[key] = torch.empty(rows, vocab, dtype=dtype, device=device)
+    return buf
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum CE(hidden @ weight.T, labels), computed in token chunks without keeping the logits.
 
@@ -61,7 +80,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if not bool(valid.any()):
                 continue
             safe_y = torch.where(valid, y, torch.zeros_like(y))
-            logits = (h @ weight.T).float()
+            logits = _logits_buffer(h.size(0), weight.size(0), h.dtype, h.device)
+            torch.mm(h, weight.T, out=logits)
+            logits = logits.float()
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
             # softmax in place: one [chunk, vocab] buffer, no separate log-softmax or exp tensors
             row_max = logits.amax(dim=1, keepdim=True)

@@ -22,7 +22,7 @@ from torch import nn
 from peftlab.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
-from peftlab.measure import MemoryMeter, Stopwatch, folder_size_bytes, parameter_counts
+from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
 from peftlab.methods.adapters import INITIAL_ADAPTER_DIR, adapter_save_kwargs, save_initial_adapter
 from peftlab.models import LoadedModel, load_model, resolve_device
@@ -331,7 +331,7 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     meter.start("train")
     state = train_loop(cfg, task, model, method, accelerator, run, state, device, eval_timer,
                        resumed_from, resume[1] if resume else None)
-    meter.stop()
+    per_process = train_peaks_per_process(meter.stop(), accelerator, device)
 
     eval_timer.start()
     after = task.evaluate(accelerator.unwrap_model(model), "after")
@@ -374,6 +374,7 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
         "memory": {
             "load": vars(meter.phases["load"]),
             "train": vars(meter.phases["train"]),
+            "train_per_process": per_process,
             "headline_gb": meter.headline_gb("train"),
             "headline_kind": "cuda_max_reserved" if device.type == "cuda" else "cpu_peak_rss_train",
             "estimate": estimate_for_run(cfg, accelerator.unwrap_model(model)),
@@ -392,6 +393,17 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     if accelerator.is_main_process:
         print(format_result_row(results))
     return results
+
+
+def train_peaks_per_process(peak: PhasePeak, accelerator, device: torch.device) -> list[dict[str, float | None]]:
+    """Every process's training peaks (rank order), gathered on all ranks; rank 0's alone on one process."""
+    keys = ("cpu_peak_rss_gb", "cuda_max_allocated_gb", "cuda_max_reserved_gb")
+    mine = [getattr(peak, k) for k in keys]
+    if accelerator.num_processes == 1:
+        return [dict(zip(keys, mine, strict=True))]
+    values = torch.tensor([[float("nan") if v is None else v for v in mine]], dtype=torch.float64, device=device)
+    gathered = accelerator.gather(values).cpu().tolist()
+    return [{k: (None if v != v else v) for k, v in zip(keys, row, strict=True)} for row in gathered]
 
 
 def _adapter_targets(model: nn.Module) -> list[str] | None:

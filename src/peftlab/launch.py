@@ -1,0 +1,65 @@
+"""`peftlab train --processes N`: run the same command as N data-parallel processes, launched by torchrun.
+
+The parent process validates the config first (bad input still exits 2 before any process starts), then runs
+``python -m torch.distributed.run --standalone --nproc_per_node N -m -- peftlab train ...`` with the same arguments,
+minus ``--processes``: an argument list, never a shell string. On CPU each process gets an equal share of the
+cores as its thread count unless ``OMP_NUM_THREADS`` is already set (gloo; see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+
+from peftlab.errors import UserError
+
+LAUNCHED_ENV = "LOCAL_RANK"  # set by torchrun and accelerate in every process they start
+
+
+def inside_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """True in a process that torchrun (or accelerate launch) started."""
+    return LAUNCHED_ENV in (os.environ if env is None else env)
+
+
+def strip_processes_flag(argv: Sequence[str]) -> list[str]:
+    """The arguments without ``--processes N`` / ``--processes=N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
+
+
+def threads_per_process(processes: int, cpu_count: int | None = None) -> int:
+    """An equal share of the machine's cores for each process (at least one)."""
+    cores = cpu_count if cpu_count is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                     else os.cpu_count() or 1)
+    return max(1, cores // processes)
+
+
+def torchrun_command(train_argv: Sequence[str], processes: int) -> list[str]:
+    """The torchrun command that runs ``peftlab train_argv`` on ``processes`` processes of this machine."""
+    # "--" ends torchrun's own options: without it, argparse reads a train flag such as --r as an abbreviation of
+    # torchrun's --rdzv-*/--role options and stops with "ambiguous option".
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "--", "peftlab", *strip_processes_flag(train_argv)]
+
+
+def launch_train(train_argv: Sequence[str], processes: int, device_type: str) -> int:
+    """Run ``peftlab train`` on several processes and return the launcher's exit code."""
+    if processes < 1:
+        raise UserError(f"--processes {processes}: expected 1 or more")
+    if inside_launcher():
+        raise UserError("--processes: this process was already started by torchrun or accelerate launch; "
+                        "drop --processes and let the launcher set the number of processes")
+    env = dict(os.environ)
+    if device_type == "cpu":
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return subprocess.run(torchrun_command(train_argv, processes), env=env, check=False).returncode
