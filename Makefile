@@ -25,7 +25,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_data_prep.py --out runs/bench/data_prep --repeats 5
-	$(BIN)/python benchmarks/bench_trainers.py --out runs/bench/trainers --steps 3
+	$(BIN)/python benchmarks/bench_trainers.py --out runs/bench/trainers --steps 6
 
 study: setup
 	$(BIN)/peftlab sweep configs/cpu.yaml --output-dir sweeps/cpu
