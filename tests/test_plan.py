@@ -56,9 +56,9 @@ def test_lora_components_by_hand(tiny_folder):
     assert plan.peak_phase == "forward_backward"
     assert plan.components == {"runtime": RUNTIME, "base_weights": 1272 * 4, "trainable_weights": trainable,
                                "optimizer_states": 2 * trainable, "gradients": trainable,
-                               "activations": activations, "logits_ce": 12 * 4 * 10 + 4 * 8 * 4,
-                               "optimizer_step_temp": 0}  # logits: 12 B per logit + the hidden-state gradient
-    assert plan.peak_bytes == 1000 + 5088 + 448 + 896 + 448 + 4224 + 480 + 128
+                               "activations": activations, "logits_ce": 4 * 4 * 10 + 4 * 8 * 4,
+                               "optimizer_step_temp": 0}  # logits: 4 B per logit + the hidden-state gradient
+    assert plan.peak_bytes == 1000 + 5088 + 448 + 896 + 448 + 4224 + 160 + 128
 
 
 def test_full_finetuning_peaks_at_the_optimizer_step(tiny_folder):
@@ -86,8 +86,13 @@ def test_chunked_cross_entropy_holds_one_chunk_of_logits(tiny_folder):
     common = dict(method="lora", r=2, batch_size=4, seq_len=512, grad_accum=1)  # 2048 tokens, chunks of 1024
     chunked = plan_memory(arch, PlanInput(**common), RUNTIME).components["logits_ce"]
     plain = plan_memory(arch, PlanInput(**common, chunked_ce=False), RUNTIME).components["logits_ce"]
-    assert chunked == 12 * 1024 * 10 + 2048 * 8 * 4  # one chunk's logits + the hidden-state gradient
+    assert chunked == 4 * 1024 * 10 + 2048 * 8 * 4  # one reused chunk buffer + the hidden-state gradient
     assert plain == 12 * 2048 * 10
+    # 1500 tokens: a full chunk and a shorter last one, both buffered; bf16 adds a chunk's fp32 copy and gradient
+    odd = dict(common, batch_size=3, seq_len=500)
+    assert plan_memory(arch, PlanInput(**odd), RUNTIME).components["logits_ce"] == 4 * 1500 * 10 + 1500 * 8 * 4
+    bf16 = plan_memory(arch, PlanInput(**common, dtype="bfloat16"), RUNTIME).components["logits_ce"]
+    assert bf16 == (2 * 1024 + 6 * 1024) * 10 + 2048 * 8 * 2
 
 
 def test_gradient_checkpointing_keeps_layer_inputs_only(tiny_folder):

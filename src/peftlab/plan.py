@@ -38,10 +38,12 @@ Components:
   gradients need: 2h normalized + 2h norm outputs + i (down_proj input), and 3h at the head. LoRA adds per target
   r (fp32) and, with dropout, its output and mask (CPU: 2 d_in fp32; CUDA: d_in fp32 + d_in bool). Gradient
   checkpointing keeps only each layer's input (h) plus one layer recomputed. QLoRA computes activations in fp32.
-* **logits/cross-entropy**: 12 bytes per vocabulary entry per token of one chunk: with ``chunked_ce`` (the
-  default) the LM head and the loss run over chunks of 1024 tokens, holding a chunk's fp32 logits, the shifted
-  logits and the softmax gradient, plus the gradient of the hidden states (h per token); without it, the logits,
-  the log-softmax output and two gradient buffers over every token.
+* **logits/cross-entropy**: with ``chunked_ce`` (the default) the LM head and the loss run over chunks of 1024
+  tokens in one reused logits buffer per chunk shape (a full chunk and a batch's last, shorter one), where the
+  softmax and its gradient are computed in place: 4 bytes per vocabulary entry per buffered token in fp32; in
+  bf16/fp16 the buffer holds 2, plus a chunk's fp32 copy and its cast gradient (6 more); plus the gradient of the
+  hidden states (h per token). Without it: 12 bytes per vocabulary entry per token (the logits, the log-softmax
+  output and two gradient buffers over every token).
 
 The activation terms were checked against the tensors autograd actually saves (``saved_tensors_hooks``) on
 smollm2-135m and tiny random models (tests/test_plan.py). On CPU the measured figure is peak RSS; glibc keeps freed
@@ -67,7 +69,7 @@ GIB = 1024**3
 BARE_IMPORT_RSS_GIB = 0.415
 RUN_OVERHEAD_GIB = 0.07
 CUDA_CONTEXT_GIB = 0.5
-CE_BYTES_PER_LOGIT = 12
+CE_BYTES_PER_LOGIT = 12  # unchunked: logits, log-softmax and two gradient buffers, per token and vocabulary entry
 CE_CHUNK = 1024  # tokens per chunk of peftlab.losses.chunked_linear_cross_entropy
 NF4_BLOCK = 64
 DQ_BLOCK = 256
@@ -354,6 +356,13 @@ def runtime_bytes_default(device: str) -> int:
     return int((BARE_IMPORT_RSS_GIB + RUN_OVERHEAD_GIB) * GIB)
 
 
+def chunked_ce_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
+    """Logits memory of peftlab.losses.chunked_linear_cross_entropy for one micro-batch of ``tokens`` tokens."""
+    buffered = min(tokens, CE_CHUNK) + (tokens % CE_CHUNK if tokens > CE_CHUNK else 0)  # the reused buffers
+    transient = 0 if act_bytes == 4 else min(tokens, CE_CHUNK) * (4 + act_bytes)  # fp32 copy + cast gradient
+    return (buffered * act_bytes + transient) * vocab
+
+
 def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
                 exact_weights: dict[str, int] | None = None) -> Plan:
     """Predict the peak memory of a run; ``exact_weights`` (base/trainable bytes of a loaded model) override counts."""
@@ -383,7 +392,7 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
     logits = 0
     if inp.vocab_logits and inp.chunked_ce:
         act_bytes = 4 if inp.method == "qlora" else DTYPE_BYTES[inp.dtype]
-        logits = CE_BYTES_PER_LOGIT * min(tokens, CE_CHUNK) * arch.vocab_size + tokens * arch.hidden_size * act_bytes
+        logits = chunked_ce_bytes(tokens, arch.vocab_size, act_bytes) + tokens * arch.hidden_size * act_bytes
     elif inp.vocab_logits:
         logits = CE_BYTES_PER_LOGIT * tokens * arch.vocab_size
     held = grads
