@@ -59,6 +59,14 @@ def test_eval_of_saved_adapter_reproduces_perplexity(lora_run):
     assert math.isclose(again["metrics"]["perplexity"], recorded, rel_tol=1e-4)
 
 
+def test_eval_uses_the_requested_thread_count(lora_run, monkeypatch):
+    cfg, results = lora_run
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    run_eval({"threads": 1, "eval_subset": 2}, f"{results['run_dir']}/adapter")
+    assert calls == [1]
+
+
 def test_adapter_reload_gives_identical_logits(lora_run):
     from peft import PeftModel
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -27,7 +28,7 @@ def run_config_of(adapter: str | Path) -> dict[str, Any]:
 EVAL_INHERITED = ("model", "task", "dataset", "eval_dataset", "eval_split", "text_column", "text_pair_column",
                   "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "max_new_tokens",
                   "generation_subset", "method", "quant_type", "double_quant", "dtype", "trust_remote_code",
-                  "eval_batch_size", "batch_size", "data_dir", "chunked_ce")
+                  "eval_batch_size", "batch_size", "data_dir", "chunked_ce", "threads")
 
 
 def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
@@ -43,6 +44,8 @@ def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
 def load_for_eval(cfg: RunConfig, task: Task, adapter: str | None, base_precision: str) -> tuple[LoadedModel,
                                                                                                 nn.Module]:
     """Load the base model (4-bit if the adapter was trained with QLoRA, unless told otherwise) + adapter."""
+    if cfg.threads:  # as in training: the run's thread count, unless overridden (--set threads=N)
+        torch.set_num_threads(cfg.threads)
     quantize = base_precision == "4bit" or (base_precision == "auto" and cfg.method == "qlora")
     if quantize:
         get_method("qlora")
