@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from peftlab.cli import main
 from peftlab.launch import strip_processes_flag, threads_per_process, torchrun_command
@@ -35,6 +40,28 @@ def test_bad_process_count_exits_2_before_launching(capsys):
     assert main(["train", "--model", "tiny-llama", "--processes", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--processes 0" in err[0]
+
+
+def test_bad_data_exits_2_with_one_line_before_any_process_starts(capsys):
+    assert main(["train", "--processes", "2", "--model", "tiny-llama", "--dataset", "/nonexistent/data.txt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["peftlab: error: data file '/nonexistent/data.txt' does not exist; check the path"]
+
+
+def test_a_failing_rank_keeps_its_exit_code_and_message(tmp_path):
+    """Past the parent's checks, each rank reports its own one-line error; torchrun adds no report of its own."""
+    if not (Path(os.environ["PEFTLAB_DATA_DIR"]) / "wikitext-2-raw-v1").is_dir():
+        pytest.skip("dataset mirror not found")
+    cmd = [sys.executable, "-m", "peftlab", "train", "--processes", "2", "--model", "tiny-llama", "--dataset",
+           "wikitext-2-raw-v1", "--train-subset", "16", "--eval-subset", "4", "--max-steps", "2", "--grad-accum", "1",
+           "--set", "max_rss_gb=0.01", "--set", "eval_before=false", "--output-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors and all("peftlab: error: memory:" in line for line in errors), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert (tmp_path / "run" / "failed.json").is_file()
 
 
 def test_processes_inside_a_launcher_is_refused(monkeypatch, capsys):

@@ -1,15 +1,16 @@
 """`peftlab train --processes N`: run the same command as N data-parallel processes, launched by torchrun.
 
-The parent process validates the config first (bad input still exits 2 before any process starts), then runs
-``python -m torch.distributed.run --standalone --nproc_per_node N -m -- peftlab train ...`` with the same arguments,
-minus ``--processes``: an argument list, never a shell string. On CPU each process gets an equal share of the
-cores as its thread count unless ``OMP_NUM_THREADS`` is already set (gloo; see docs/distributed.md).
+The parent process validates the config and reads the raw data first (bad input still exits 2 with one line before
+any process starts). It then runs torchrun's launcher as ``torch.distributed.run --standalone --nproc_per_node N
+-m -- peftlab train ...``, with the same arguments minus ``--processes``: an argument list, never a shell string.
+On CPU each process gets an equal share of the cores as its thread count, unless ``OMP_NUM_THREADS`` is already
+set (gloo; see docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -52,14 +53,31 @@ def torchrun_command(train_argv: Sequence[str], processes: int) -> list[str]:
 
 
 def launch_train(train_argv: Sequence[str], processes: int, device_type: str) -> int:
-    """Run ``peftlab train`` on several processes and return the launcher's exit code."""
+    """Run ``peftlab train`` on several processes and return the first failed process's exit code (0 if none).
+
+    torchrun runs in this process (its launcher API, not a shell): the ranks print their own output and errors, a
+    rank's one-line error keeps its exit code (2 for bad input), and torchrun's own failure report is not added.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     if processes < 1:
         raise UserError(f"--processes {processes}: expected 1 or more")
     if inside_launcher():
         raise UserError("--processes: this process was already started by torchrun or accelerate launch; "
                         "drop --processes and let the launcher set the number of processes")
-    env = dict(os.environ)
     if device_type == "cpu":
-        env.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.run(torchrun_command(train_argv, processes), env=env, check=False).returncode
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = get_args_parser().parse_args(torchrun_command(train_argv, processes)[3:])
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # the ranks report their own errors
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 1
+    finally:
+        elastic_log.setLevel(level)
+    return 0
