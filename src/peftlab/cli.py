@@ -84,12 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["resume"] = args.resume
     cfg = load_config(args.config, overrides)
     if args.processes is not None and args.processes != 1:
-        from peftlab.launch import launch_train
+        from peftlab.launch import check_launch, launch_train
         from peftlab.models import resolve_device
         from peftlab.tasks import TASKS
 
-        if args.processes >= 1:
-            TASKS[cfg.task](cfg).load()  # missing files, empty data, bad columns: one line here, not one per rank
+        check_launch(args.processes)
+        TASKS[cfg.task](cfg).load()  # missing files, empty data, bad columns: one line here, not one per rank
         return launch_train(args.argv, args.processes, resolve_device(cfg.device).type)
     run_training(cfg)
     return 0

@@ -12,16 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from peftlab.errors import UserError
 
 LAUNCHED_ENV = "LOCAL_RANK"  # set by torchrun and accelerate in every process they start
 
 
-def inside_launcher(env: Mapping[str, str] | None = None) -> bool:
-    """True in a process that torchrun (or accelerate launch) started."""
-    return LAUNCHED_ENV in (os.environ if env is None else env)
+def check_launch(processes: int) -> None:
+    """Refuse a process count below 1, and --processes inside a process that a launcher already started."""
+    if processes < 1:
+        raise UserError(f"--processes {processes}: expected 1 or more")
+    if LAUNCHED_ENV in os.environ:
+        raise UserError("--processes: this process was already started by torchrun or accelerate launch; "
+                        "drop --processes and let the launcher set the number of processes")
 
 
 def strip_processes_flag(argv: Sequence[str]) -> list[str]:
@@ -44,12 +48,17 @@ def threads_per_process(processes: int, cpu_count: int | None = None) -> int:
     return max(1, cores // processes)
 
 
-def torchrun_command(train_argv: Sequence[str], processes: int) -> list[str]:
-    """The torchrun command that runs ``peftlab train_argv`` on ``processes`` processes of this machine."""
+def torchrun_args(train_argv: Sequence[str], processes: int) -> list[str]:
+    """torchrun's arguments for running ``peftlab train_argv`` on ``processes`` processes of this machine."""
     # "--" ends torchrun's own options: without it, argparse reads a train flag such as --r as an abbreviation of
     # torchrun's --rdzv-*/--role options and stops with "ambiguous option".
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "-m", "--", "peftlab", *strip_processes_flag(train_argv)]
+    return ["--standalone", "--nproc_per_node", str(processes), "-m", "--", "peftlab",
+            *strip_processes_flag(train_argv)]
+
+
+def torchrun_command(train_argv: Sequence[str], processes: int) -> list[str]:
+    """The same as a command line: ``python -m torch.distributed.run ...``."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(train_argv, processes)]
 
 
 def launch_train(train_argv: Sequence[str], processes: int, device_type: str) -> int:
@@ -61,15 +70,11 @@ def launch_train(train_argv: Sequence[str], processes: int, device_type: str) ->
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if processes < 1:
-        raise UserError(f"--processes {processes}: expected 1 or more")
-    if inside_launcher():
-        raise UserError("--processes: this process was already started by torchrun or accelerate launch; "
-                        "drop --processes and let the launcher set the number of processes")
+    check_launch(processes)
     if device_type == "cpu":
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = get_args_parser().parse_args(torchrun_command(train_argv, processes)[3:])
+    args = get_args_parser().parse_args(torchrun_args(train_argv, processes))
     elastic_log = logging.getLogger("torch.distributed.elastic")
     level = elastic_log.level
     elastic_log.setLevel(logging.CRITICAL)  # the ranks report their own errors
