@@ -1,0 +1,125 @@
+"""What a fine-tuning method is: the contract every module in ``peftlab.methods`` implements.
+
+A method module defines one :class:`Method` subclass and registers one instance of it. The instance owns
+everything about the method: its config fields (a pydantic model), its traits (display name, family, what it
+cannot do), how it is applied to a loaded model, its optimizer if it has its own, a hook into the loop, and its
+planner terms. Code outside ``peftlab.methods`` asks a method for these and never compares its name.
+
+This module imports neither torch nor peft at import time, so config validation and reports can read a method's
+fields and traits cheaply; ``apply`` and the planner terms import what they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from peftlab.errors import UserError
+
+if TYPE_CHECKING:  # typing only: no torch at import time
+    from torch import nn, optim
+
+#: Capabilities a method may lack; ``Method.unsupported`` maps each one it lacks to the reason (one line).
+CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "fsdp")
+
+
+class MethodFields(BaseModel):
+    """A method's own config fields, with defaults and help (``Field(..., description=...)``).
+
+    Subclass it per method (or share a subclass between methods with the same fields). The flat spelling stays:
+    ``--r 8`` / ``r: 8`` in YAML sets the field ``r`` of the chosen method's fields model.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class PlanTerms:
+    """What a method adds to the memory plan (bytes, except the counts).
+
+    ``trainable_params`` and ``largest_trainable`` (elements), the frozen ``base_weight_bytes``, the extra bytes it
+    saves for backward per token and layer (``activation_bytes_per_token_layer``) and once per micro-batch
+    (``activation_bytes_fixed``), and notes shown with the plan.
+    """
+
+    trainable_params: int
+    largest_trainable: int
+    base_weight_bytes: int | None = None  # None: the base at the run's dtype (the planner's default)
+    trainable_bytes_per_param: int = 4
+    activation_bytes_per_token_layer: int = 0
+    activation_bytes_fixed: int = 0
+    notes: tuple[str, ...] = ()
+
+
+class Method:
+    """One fine-tuning method. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]  # registry key and CLI spelling, lowercase as peft names it
+    display_name: ClassVar[str]  # as in the seed's tables: "LoRA", "QLoRA", "Full"
+    family: ClassVar[str]  # "full", "lora", "ia3", "prompt" ...: methods of one family share table columns
+    summary: ClassVar[str]  # one line, with the reference
+    order: ClassVar[int]  # position in tables and plots (stable across runs)
+    fields: ClassVar[type[MethodFields]] = MethodFields
+    is_peft: ClassVar[bool] = True  # saved as a peft adapter (False: the whole model is saved)
+    quantizes_base: ClassVar[bool] = False  # the base is loaded in 4-bit
+    mergeable: ClassVar[bool] = False  # the adapter folds into the base weights
+    converts_at_save: ClassVar[bool] = False  # the initial adapter is kept to convert at save time (PiSSA)
+    shows_rank: ClassVar[bool] = False  # the (r, alpha) column and the run id show r and alpha
+    unsupported: ClassVar[dict[str, str]] = {}  # capability -> why not (one line, no trailing period)
+
+    # --- traits ----------------------------------------------------------------------------------------------
+
+    def field_names(self) -> frozenset[str]:
+        return frozenset(self.fields.model_fields)
+
+    def check_supports(self, capability: str) -> None:
+        """Raise a one-line UserError if this method cannot do ``capability`` (one of :data:`CAPABILITIES`)."""
+        reason = self.unsupported.get(capability)
+        if reason is not None:
+            raise UserError(f"method {self.name!r} {reason}")
+
+    def supports(self, capability: str) -> bool:
+        return capability not in self.unsupported
+
+    def config_label(self, fields: dict[str, Any]) -> str:
+        """The seed's "(r, alpha)" cell for a run's method fields, '-' for methods without a rank."""
+        if not self.shows_rank:
+            return "-"
+        return f"({fields['r']}, {float(fields['alpha']):g})"
+
+    def run_id_part(self, fields: dict[str, Any]) -> str:
+        """What the method adds to a default run name, e.g. '-r8a16'."""
+        if not self.shows_rank:
+            return ""
+        return f"-r{fields['r']}a{float(fields['alpha']):g}"
+
+    # --- behaviour -------------------------------------------------------------------------------------------
+
+    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: list[str]) -> nn.Module:
+        """Turn the loaded base model into the model to train.
+
+        ``task_kind`` is "causal_lm" or "seq_cls"; ``new_modules`` are the base model's newly initialised modules
+        (a classification head) that must be trained and saved with the adapter (peft ``modules_to_save``).
+        """
+        raise NotImplementedError
+
+    def make_optimizer(self, model: nn.Module, cfg: Any) -> optim.Optimizer | None:
+        """The method's own optimizer, or None for the loop's AdamW."""
+        return None
+
+    def begin_training(self, model: nn.Module, total_steps: int) -> None:
+        """Called once before the first step, when the number of optimizer steps is known."""
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after every optimizer step, before the gradients are cleared (AdaLoRA's rank allocation)."""
+
+    # --- planner ---------------------------------------------------------------------------------------------
+
+    #: Why the planner does not model this method (None: it does, through :meth:`plan_terms`).
+    not_planned: ClassVar[str | None] = None
+
+    def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
+        """This method's terms of the memory plan for a model's shapes (``peftlab.plan``)."""
+        raise NotImplementedError
