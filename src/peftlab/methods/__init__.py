@@ -14,10 +14,6 @@ from peftlab.errors import UserError
 METHOD_FIELDS = frozenset({"r", "alpha", "dropout", "target_modules", "bias", "loraplus_lr_ratio",
                            "num_virtual_tokens", "quant_type", "double_quant"})
 
-#: Equivalent projection names across architectures, used when the user kept the default targets.
-TARGET_ALIASES = {"q_proj": ("query", "q_lin", "c_attn"), "v_proj": ("value", "v_lin")}
-
-
 @dataclass(frozen=True)
 class Method:
     """How one fine-tuning method turns a loaded base model into the model to train."""
@@ -53,28 +49,6 @@ def get_method(name: str) -> Method:
         raise UserError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Sorted unique last-name components of the model's linear layers (adapter targets)."""
-    names = set()
-    for full_name, module in model.named_modules():
-        kind = type(module).__name__
-        if isinstance(module, nn.Linear) or kind in {"Linear4bit", "Linear8bitLt", "Conv1D"}:
-            names.add(full_name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def resolve_targets(model: nn.Module, targets: list[str], user_set: bool) -> list[str]:
-    """Check that every target names a linear layer; map the default q/v names for other architectures."""
-    available = linear_module_names(model)
-    if not user_set:
-        targets = [t if t in available else next((a for a in TARGET_ALIASES.get(t, ()) if a in available), t)
-                   for t in targets]
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise UserError(f"target_modules: the model has no linear module named {', '.join(missing)}; "
-                        f"its linear modules are {', '.join(available)}")
-    return targets
-
-
 # Importing the modules registers their methods.
 from peftlab.methods import adapters, full  # noqa: E402,F401
+from peftlab.methods.targets import TARGET_ALIASES, linear_module_names, resolve_targets  # noqa: E402,F401
