@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import UserError
+from peftlab.methods.targets import TARGET_ALIASES, linear_module_names, resolve_targets  # noqa: F401
 
 #: Config fields that belong to one method or another; a method rejects those it does not take.
 METHOD_FIELDS = frozenset({"r", "alpha", "dropout", "target_modules", "bias", "loraplus_lr_ratio",
@@ -51,4 +52,3 @@ def get_method(name: str) -> Method:
 
 # Importing the modules registers their methods.
 from peftlab.methods import adapters, full  # noqa: E402,F401
-from peftlab.methods.targets import TARGET_ALIASES, linear_module_names, resolve_targets  # noqa: E402,F401
