@@ -1,44 +1,26 @@
-"""The registry of fine-tuning methods. Adding one means adding a module that calls :func:`register`."""
+"""The registry of fine-tuning methods: one module per method, each registering one :class:`Method`.
+
+Adding a method means writing its module (a :class:`~peftlab.methods.base.Method` subclass, registered with
+:func:`register`) and adding its module name to :data:`METHOD_MODULES`. Importing this package imports neither
+torch nor peft: methods import them inside ``apply`` and friends.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import torch
-from torch import nn
+import importlib
 
 from peftlab.errors import UserError
-from peftlab.methods.targets import TARGET_ALIASES, linear_module_names, resolve_targets  # noqa: F401
-
-#: Config fields that belong to one method or another; a method rejects those it does not take.
-METHOD_FIELDS = frozenset({"r", "alpha", "dropout", "target_modules", "bias", "loraplus_lr_ratio",
-                           "num_virtual_tokens", "quant_type", "double_quant"})
-
-@dataclass(frozen=True)
-class Method:
-    """How one fine-tuning method turns a loaded base model into the model to train."""
-
-    name: str
-    fields: frozenset[str]
-    apply: Callable[..., nn.Module]
-    summary: str
-    quantized_base: bool = False
-    mergeable: bool = False
-    is_peft: bool = True
-    make_optimizer: Callable[..., torch.optim.Optimizer] | None = field(default=None)
-    #: The adapter's initialisation changes the base weights (PiSSA): save the initial adapter before training
-    #: (adapters.save_initial_adapter) and convert at save time (adapters.adapter_save_kwargs), so that the saved
-    #: adapter is a plain LoRA that loads onto the original base.
-    converts_at_save: bool = False
-
+from peftlab.methods.base import Method, MethodFields, PlanTerms  # noqa: F401
 
 METHODS: dict[str, Method] = {}
 
 
-def register(method: Method) -> Method:
-    """Add a method to the registry under its name."""
-    METHODS[method.name] = method
+def register(method):
+    """Add a method to the registry under its name: an instance, or a class (then usable as a class decorator)."""
+    instance = method() if isinstance(method, type) else method
+    if not isinstance(instance, Method):
+        raise TypeError(f"register() takes a Method subclass or instance, not {type(instance).__name__}")
+    METHODS[instance.name] = instance
     return method
 
 
@@ -47,8 +29,34 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise UserError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}") from None
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(method_names())}") from None
 
 
-# Importing the modules registers their methods.
-from peftlab.methods import adapters, full  # noqa: E402,F401
+def method_names() -> list[str]:
+    """Registered method names in table order."""
+    return [m.name for m in sorted(METHODS.values(), key=lambda m: (m.order, m.name))]
+
+
+def all_method_fields() -> frozenset[str]:
+    """Every field some registered method takes (a field of another method is rejected by name, not as unknown)."""
+    return frozenset().union(*(m.field_names() for m in METHODS.values()))
+
+
+#: The method modules, imported in this order; importing one registers its method. A new method: one line here.
+METHOD_MODULES = (
+    "full",
+    "lora",
+    "rslora",
+    "dora",
+    "pissa",
+    "loraplus",
+    "qlora",
+    "ia3",
+    "prefix",
+)
+
+for _module in METHOD_MODULES:
+    importlib.import_module(f"peftlab.methods.{_module}")
+
+#: Config fields that belong to one method or another.
+METHOD_FIELDS = all_method_fields()

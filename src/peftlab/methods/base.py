@@ -11,6 +11,7 @@ fields and traits cheaply; ``apply`` and the planner terms import what they need
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,7 +23,29 @@ if TYPE_CHECKING:  # typing only: no torch at import time
     from torch import nn, optim
 
 #: Capabilities a method may lack; ``Method.unsupported`` maps each one it lacks to the reason (one line).
-CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "fsdp")
+#: "causal_lm" and "classification" are the two task kinds (a method that cannot train one says so).
+CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "causal_lm", "fsdp")
+#: Bytes per element of the run dtypes the planner models.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def peft_task_type(task_kind: str) -> str:
+    """peft's TaskType value for a task kind ("causal_lm" -> "CAUSAL_LM", "seq_cls" -> "SEQ_CLS")."""
+    return task_kind.upper()
+
+
+def plan_targets(arch: Any, plan_input: Any, default: Sequence[str] | None = None) -> list[str]:
+    """The per-layer modules a method adapts in the planner: the run's target_modules (or ``default`` when the
+    user kept the default targets), each checked against the planner's per-layer linear modules."""
+    fields = plan_input.fields
+    targets = list(default) if default is not None and "target_modules" not in plan_input.user_set \
+        else list(fields["target_modules"])
+    known = arch.linear_shapes()
+    wrong = [t for t in targets if t not in known]
+    if wrong:
+        raise UserError(f"target_modules: the planner's model has no linear module named {', '.join(wrong)}; "
+                        f"its per-layer linear modules are {', '.join(known)}")
+    return targets
 
 
 class MethodFields(BaseModel):
@@ -51,6 +74,8 @@ class PlanTerms:
     activation_bytes_per_token_layer: int = 0
     activation_bytes_fixed: int = 0
     notes: tuple[str, ...] = ()
+    activation_bytes_per_token_head: int = 0  # extra bytes saved per token at the head (full: the head's inputs)
+    gradients_held_bytes: int | None = None  # gradients held at the forward/backward peak (None: all of them)
 
 
 class Method:
@@ -67,6 +92,7 @@ class Method:
     mergeable: ClassVar[bool] = False  # the adapter folds into the base weights
     converts_at_save: ClassVar[bool] = False  # the initial adapter is kept to convert at save time (PiSSA)
     shows_rank: ClassVar[bool] = False  # the (r, alpha) column and the run id show r and alpha
+    optimizer_is_fused: ClassVar[bool] = True  # the loop's fused AdamW applies (False: its own, unfused optimizer)
     unsupported: ClassVar[dict[str, str]] = {}  # capability -> why not (one line, no trailing period)
 
     # --- traits ----------------------------------------------------------------------------------------------
@@ -97,7 +123,11 @@ class Method:
 
     # --- behaviour -------------------------------------------------------------------------------------------
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: list[str]) -> nn.Module:
+    def task_capability(self, task_kind: str) -> str:
+        """The capability name of a task kind ("causal_lm" -> "causal_lm", "seq_cls" -> "classification")."""
+        return "classification" if task_kind == "seq_cls" else task_kind
+
+    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         """Turn the loaded base model into the model to train.
 
         ``task_kind`` is "causal_lm" or "seq_cls"; ``new_modules`` are the base model's newly initialised modules
@@ -115,6 +145,13 @@ class Method:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step, before the gradients are cleared (AdaLoRA's rank allocation)."""
 
+    def before_training_save(self, model: nn.Module, run_dir: Any) -> None:
+        """Called once on the writing process after ``apply``, before training (PiSSA saves its initial adapter)."""
+
+    def save_kwargs(self, run_dir: Any) -> dict[str, Any]:
+        """Extra ``save_pretrained`` arguments for the final adapter (PiSSA: convert to a plain LoRA)."""
+        return {}
+
     # --- planner ---------------------------------------------------------------------------------------------
 
     #: Why the planner does not model this method (None: it does, through :meth:`plan_terms`).
@@ -123,3 +160,7 @@ class Method:
     def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
         """This method's terms of the memory plan for a model's shapes (``peftlab.plan``)."""
         raise NotImplementedError
+
+    def activation_element_bytes(self, plan_input: Any) -> int:
+        """Bytes per saved activation element: the run dtype's, fp32 over a 4-bit base (QLoRA computes in fp32)."""
+        return 4 if self.quantizes_base else DTYPE_BYTES[plan_input.dtype]

@@ -1,17 +1,41 @@
-"""Full fine-tuning: every weight is trained."""
+"""Full fine-tuning: every weight is trained, and the whole model is saved."""
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from peftlab.methods import Method, register
+from peftlab.methods import register
+from peftlab.methods.base import DTYPE_BYTES, Method, PlanTerms
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
-def _apply_full(model: nn.Module, cfg, task_kind: str) -> nn.Module:
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model
+@register
+class Full(Method):
+    name = "full"
+    display_name = "Full"
+    family = "full"
+    summary = "all weights trainable"
+    order = 0
+    is_peft = False
+    unsupported = {"merge": "trains every weight, so there is no adapter to merge; use its model/ folder as is",
+                   "quantized_base": "trains every weight, which a 4-bit base cannot hold; use --method qlora"}
 
+    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
 
-FULL = register(Method(name="full", fields=frozenset(), apply=_apply_full, is_peft=False,
-                       summary="all weights trainable"))
+    def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
+        pbytes = DTYPE_BYTES[plan_input.dtype]
+        a = self.activation_element_bytes(plan_input)
+        h = arch.hidden_size
+        largest = max(arch.vocab_size * h, *(i * o for i, o in arch.linear_shapes().values()))
+        held = arch.vocab_size * h * pbytes if plan_input.grad_accum == 1 else None  # the output layer's, first
+        # the weight gradients need the normalized inputs, norm outputs and down_proj's input; the head 3h
+        return PlanTerms(trainable_params=arch.total_params(), largest_trainable=largest, base_weight_bytes=0,
+                         trainable_bytes_per_param=pbytes,
+                         activation_bytes_per_token_layer=a * (4 * h + arch.intermediate_size),
+                         activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held)
