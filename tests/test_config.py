@@ -1,15 +1,17 @@
-"""Config validation: seed defaults, one-line actionable errors, method-specific fields."""
+"""Config validation: seed defaults, one-line actionable errors, method-specific fields, and RunConfig itself
+importable without torch or the registries."""
 
 from __future__ import annotations
 
 import pytest
 
-from peftlab.config import RunConfig, load_config
+from peftlab.config import RunConfig
+from peftlab.configure import load_config
 from peftlab.errors import UserError
 
 
 def test_defaults_are_the_seeds():
-    cfg = RunConfig()
+    cfg = load_config(None, {})
     assert (cfg.r, cfg.alpha, cfg.dropout) == (8, 16, 0.1)
     assert cfg.target_modules == ["q_proj", "v_proj"]
     assert (cfg.lr, cfg.block_size, cfg.batch_size, cfg.grad_accum, cfg.epochs) == (2e-4, 128, 4, 8, 1)
@@ -73,3 +75,63 @@ def test_a_runs_saved_config_loads_again(tmp_path, method):
     RunDir.open_for(cfg)
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again.model_dump() == cfg.model_dump()
+
+
+def test_all_invalid_fields_of_a_yaml_config_in_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("r: 0\nlrr: 0.1\nlr: -1\nrank: 4\nnum_virtual_tokens: 3\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+    for part in ("field 'r'", "field 'lr'", "unknown config field 'lrr' (did you mean 'lr'?)",
+                 "unknown config field 'rank' (did you mean 'r'?)", "method 'lora' does not take num_virtual_tokens"):
+        assert part in msg
+
+
+@pytest.mark.parametrize(("given", "meant"), [("rank", "r"), ("learning_rate", "lr"), ("lora_alpha", "alpha"),
+                                              ("lora_dropout", "dropout"), ("num_epochs", "epochs")])
+def test_synonyms_suggest_our_field(given, meant):
+    with pytest.raises(UserError, match=f"unknown config field '{given}' \\(did you mean '{meant}'\\?\\)"):
+        load_config(None, {given: 1})
+
+
+def test_cli_reports_every_bad_field_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.yaml"
+    path.write_text("alpha: -1\nepochz: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "peftlab", "train", "--config", str(path), "--output-dir",
+                           str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "field 'alpha'" in line and "'epochz' (did you mean 'epochs'?)" in line
+
+
+def test_method_fields_are_the_methods():
+    cfg = load_config(None, {"method": "qlora", "r": 4})
+    assert cfg.method_fields() == {"target_modules": ["q_proj", "v_proj"], "r": 4, "alpha": 16, "dropout": 0.1,
+                                   "bias": "none", "quant_type": "nf4", "double_quant": True}
+    assert cfg.is_set("r") and not cfg.is_set("alpha") and not cfg.is_set("target_modules")
+    assert "r" not in load_config(None, {"method": "full"}).model_dump()
+    assert "r" not in RunConfig.model_fields  # RunConfig alone declares no method field
+    assert load_config(None, {"method": "lora", "r": "16"}).r == 16  # coerced by the method's fields model
+
+
+def test_run_config_imports_without_torch_or_registries():
+    import subprocess
+    import sys
+
+    code = ("import sys; import peftlab.config; "
+            "print(sorted(m for m in ('torch', 'peftlab.methods', 'peftlab.tasks') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_help_defaults_come_from_the_fields():
+    from peftlab.cli import field_help
+
+    assert "(default 1.0)" in field_help("max_grad_norm")
+    assert "(default 16" in field_help("alpha") and "(default 0.1" in field_help("dropout")
+    assert "qlora" in field_help("method")

@@ -1,26 +1,27 @@
-"""RunConfig: every knob of one run, with the seed's defaults, validated before any heavy work.
+"""RunConfig: every run-level knob of one run, with the seed's defaults.
 
-A config comes from YAML (``--config``) and CLI overrides; both pass through :func:`load_config`,
-which turns pydantic's errors into one actionable line (:class:`~peftlab.errors.UserError`).
+This module imports neither torch nor the registries. A method's own fields (r, alpha...) are declared by the
+method (``peftlab.methods``) and carried as RunConfig extras. Configs are built and validated against the
+registries in one place, :mod:`peftlab.configure` (``load_config``, ``build_config``).
 """
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from peftlab.errors import UserError
 
-#: Fields that change what a run computes. A checkpoint whose config differs in one of these
-#: cannot be resumed by this config; every other field (logging, eval cadence...) may differ.
+#: Run-level fields that change what a run computes. A checkpoint whose config differs in one of these, or in a
+#: method field (every method field defines a run: see :func:`defining_fields`), cannot be resumed by this config;
+#: every other field (logging, eval cadence...) may differ.
 RUN_DEFINING_FIELDS = (
     "model", "revision", "dtype", "task", "dataset", "eval_dataset", "text_column", "text_pair_column",
-    "label_column", "block_size", "max_length", "train_subset", "method", "r", "alpha", "dropout",
-    "target_modules", "bias", "loraplus_lr_ratio", "num_virtual_tokens", "lr", "epochs", "max_steps",
+    "label_column", "block_size", "max_length", "train_subset", "method", "lr", "epochs", "max_steps",
     "batch_size", "grad_accum", "warmup_ratio", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm",
     "seed", "prompt_template", "packing", "gradient_checkpointing",
 )
@@ -29,7 +30,9 @@ RUN_DEFINING_FIELDS = (
 class RunConfig(BaseModel):
     """One fine-tuning run. Defaults are the seed repository's."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="allow": the chosen method's fields (r, alpha...) are extras, validated and default-filled by the
+    # method's fields model in peftlab.configure, so that `cfg.r` works for LoRA and this module needs no registry.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     # --- model -------------------------------------------------------------------------------------------
     model: str = Field("smollm2-135m", description="Hub id, local folder, or alias (smollm2-135m, minilm-l6, "
@@ -62,18 +65,8 @@ class RunConfig(BaseModel):
     max_new_tokens: int = Field(64, gt=0, description="Generation length for samples and generation metrics.")
     generation_subset: int | None = Field(None, gt=0, description="Examples scored by generation (instruction).")
 
-    # --- method --------------------------------------------------------------------------------------------
-    method: str = Field("lora", description="full | lora | qlora | dora | rslora | pissa | loraplus | ia3 | prefix.")
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r; alpha / sqrt(r) for rslora).")
-    dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1,
-                                      description="Module names that get adapters.")
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train (LoRA).")
-    loraplus_lr_ratio: float = Field(16.0, gt=0, description="LoRA+: learning-rate ratio of B to A.")
-    num_virtual_tokens: int = Field(20, gt=0, description="Prefix tuning: virtual tokens per layer.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type.")
-    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
+    # --- method (its own fields are declared by the method: peftlab.methods, validated by peftlab.configure) ---
+    method: str = Field("lora", description="Fine-tuning method; each takes its own fields (README: Methods).")
 
     # --- optimisation --------------------------------------------------------------------------------------
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -111,70 +104,58 @@ class RunConfig(BaseModel):
     max_rss_gb: float | None = Field(None, gt=0, description="CPU: stop with advice before RSS exceeds this.")
     sample_prompt: str = Field("The history of the city", description="Prompt for the stored sample generation.")
 
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _split_modules(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    #: The method fields the user gave (the extras hold defaults too), set by :func:`peftlab.configure.build_config`.
+    _user_set: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        from peftlab.tasks import TASKS
+    def method_fields(self) -> dict[str, Any]:
+        """The chosen method's field values (defaults filled): the config's extra fields."""
+        return dict(self.model_extra or {})
 
-        if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; choose one of {', '.join(sorted(TASKS))}")
-        return value
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        from peftlab.methods import METHODS
-
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(sorted(METHODS))}")
-        return value
-
-    @model_validator(mode="after")
-    def _method_fields_apply(self) -> RunConfig:
-        from peftlab.methods import METHOD_FIELDS, METHODS
-
-        accepted = METHODS[self.method].fields
-        wrong = sorted(f for f in self.model_fields_set & METHOD_FIELDS if f not in accepted)
-        if wrong:
-            takes = ", ".join(sorted(accepted)) or "no method fields"
-            raise ValueError(f"method {self.method!r} does not take {', '.join(wrong)} (it takes {takes}); "
-                             f"remove {'them' if len(wrong) > 1 else 'it'}")
-        return self
+    def is_set(self, name: str) -> bool:
+        """Whether the user set this field (a default kept is not set), e.g. target_modules."""
+        if name in type(self).model_fields:
+            return name in self.model_fields_set
+        return name in self._user_set
 
     def defining_subset(self) -> dict[str, Any]:
         """The fields that decide what the run computes (used to check resumes and sweep stores)."""
-        dumped = self.model_dump()
-        return {k: dumped[k] for k in RUN_DEFINING_FIELDS}
+        return defining_fields(self.model_dump())
 
 
-def config_field_names() -> list[str]:
-    """All accepted config field names."""
+def defining_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run-defining part of a config dict (e.g. results.json's "config"): RUN_DEFINING_FIELDS plus every method
+    field (the keys that are not RunConfig fields)."""
+    out = {k: config.get(k) for k in RUN_DEFINING_FIELDS}
+    out.update({k: v for k, v in config.items() if k not in RunConfig.model_fields})
+    return out
+
+
+def run_field_names() -> list[str]:
+    """The run-level config field names (method fields are the methods': peftlab.configure.config_field_names)."""
     return list(RunConfig.model_fields)
 
 
-def suggest_field(name: str) -> str:
-    """' (did you mean 'x'?)' for a misspelt field name, or ''."""
-    close = difflib.get_close_matches(name, config_field_names(), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def field_default(name: str) -> Any:
+    """A run field's default (CLI help and the planner read defaults from here)."""
+    return RunConfig.model_fields[name].get_default(call_default_factory=True)
+
+
+def validation_messages(err: ValidationError) -> list[str]:
+    """Each pydantic error as a short phrase naming the field ("field 'r': ... (got 0)")."""
+    out = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if "input" in e and not isinstance(e["input"], dict) and e["loc"]:
+            out.append(f"field {field!r}: {msg} (got {e['input']!r})")
+        else:
+            out.append(msg)
+    return out
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """Turn the first pydantic error into one actionable line naming the field."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown config field {field!r}{suggest_field(field)}; see `peftlab train --help`"
-    msg = first["msg"].removeprefix("Value error, ")
-    if "input" in first and not isinstance(first["input"], dict) and first["loc"]:
-        return f"{source}: field {field!r}: {msg} (got {first['input']!r})"
-    return f"{source}: {msg}"
+    """Every pydantic error of one validation in one actionable line naming the fields."""
+    return f"{source}: " + "; ".join(validation_messages(err))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -192,14 +173,3 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {str(p)!r} must hold a mapping of field: value, not {type(data).__name__}")
     return data
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Merge a YAML file and overrides (overrides win) into a validated RunConfig."""
-    data: dict[str, Any] = read_yaml(path) if path else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    source = str(path) if path else "command line"
-    try:
-        return RunConfig(**data)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err, source)) from None

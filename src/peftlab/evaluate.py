@@ -10,9 +10,10 @@ import torch
 import yaml
 from torch import nn
 
-from peftlab.config import RunConfig, load_config
+from peftlab.config import RunConfig
+from peftlab.configure import build_config, load_config
 from peftlab.errors import UserError
-from peftlab.methods import get_method
+from peftlab.methods import METHODS, get_method
 from peftlab.models import LoadedModel, load_model
 from peftlab.tasks import TASKS, Task
 
@@ -27,17 +28,18 @@ def run_config_of(adapter: str | Path) -> dict[str, Any]:
 
 EVAL_INHERITED = ("model", "task", "dataset", "eval_dataset", "eval_split", "text_column", "text_pair_column",
                   "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "max_new_tokens",
-                  "generation_subset", "method", "quant_type", "double_quant", "dtype", "trust_remote_code",
+                  "generation_subset", "dtype", "trust_remote_code",
                   "eval_batch_size", "batch_size", "data_dir", "chunked_ce", "threads")
 
 
 def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
     """Config for evaluating: the adapter's run config (data and model fields) under the given overrides."""
-    base = {k: v for k, v in run_config_of(adapter).items() if k in EVAL_INHERITED} if adapter else {}
+    run = run_config_of(adapter) if adapter else {}
+    base = {k: v for k, v in run.items() if k in EVAL_INHERITED}
+    method = run.get("method")
+    if method is not None and get_method(method).quantizes_base:  # for evaluation only a 4-bit base matters
+        base.update({k: v for k, v in run.items() if k == "method" or k in get_method(method).field_names()})
     base.update({k: v for k, v in overrides.items() if v is not None})
-    if base.get("method") != "qlora":  # for evaluation only a 4-bit base matters
-        for key in ("method", "quant_type", "double_quant"):
-            base.pop(key, None)
     return load_config(None, base)
 
 
@@ -46,9 +48,12 @@ def load_for_eval(cfg: RunConfig, task: Task, adapter: str | None, base_precisio
     """Load the base model (4-bit if the adapter was trained with QLoRA, unless told otherwise) + adapter."""
     if cfg.threads:  # as in training: the run's thread count, unless overridden (--set threads=N)
         torch.set_num_threads(cfg.threads)
-    quantize = base_precision == "4bit" or (base_precision == "auto" and cfg.method == "qlora")
-    if quantize:
-        get_method("qlora")
+    trained_with = get_method(cfg.method)
+    quantize = base_precision == "4bit" or (base_precision == "auto" and trained_with.quantizes_base)
+    if quantize and not trained_with.quantizes_base:  # the 4-bit settings come from a quantizing method's defaults
+        quantizer = next(m for m in METHODS.values() if m.quantizes_base)
+        cfg = build_config({**cfg.model_dump(exclude=set(cfg.method_fields())), "method": quantizer.name},
+                           "--base-precision 4bit")
     loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=quantize, **task.model_kwargs())
     model = loaded.model
     if adapter:

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from peftlab.errors import UserError
+from peftlab.methods import get_method
 
-#: peft adapter types whose weights can be folded into the base (LoRA covers DoRA, rsLoRA, PiSSA, LoRA+, QLoRA).
+#: peft adapter types whose weights fold into the base, for an adapter without its run's config (a run's adapter:
+#: its method's ``mergeable`` trait decides).
 MERGEABLE_PEFT_TYPES = ("LORA", "IA3")
 CHECK_BATCH = (2, 32)  # sequences x tokens of the fixed comparison batch
 CHECK_SEED = 1234
@@ -36,8 +38,15 @@ def adapter_type(adapter: Path) -> str:
 
 
 def check_mergeable(adapter: Path, method: str | None) -> None:
-    """Refuse an adapter whose method adds computation instead of changing weights (prefix tuning)."""
+    """Refuse an adapter whose method cannot fold into the weights (its run's method says why; without a run
+    config, the adapter's peft type decides)."""
     kind = adapter_type(adapter)
+    if method is not None:
+        trained_with = get_method(method)
+        if not trained_with.mergeable:
+            reason = trained_with.unsupported.get("merge", "cannot be merged")
+            raise UserError(f"adapter {str(adapter)!r} ({kind}): method {method!r} {reason}")
+        return
     if kind not in MERGEABLE_PEFT_TYPES:
         name = method or kind.lower()
         raise UserError(f"adapter {str(adapter)!r} is {name} ({kind}), which adds trainable inputs instead of "
@@ -89,7 +98,7 @@ def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = 
     task = TASKS[cfg.task](cfg)
     if task.model_kind != "causal_lm":
         raise UserError(f"merge supports causal-LM adapters; this adapter's run is a {cfg.task} task")
-    quantized = cfg.method == "qlora"
+    quantized = get_method(cfg.method).quantizes_base
 
     reference_4bit = None
     if quantized:  # the function the adapter was trained with: 4-bit base + adapter

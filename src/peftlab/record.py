@@ -88,17 +88,16 @@ def machine_info() -> dict[str, Any]:
 def default_run_name(cfg) -> str:
     """runs/<model>-<task>-<method>[-r<r>a<alpha>]-<UTC time>."""
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model).name or cfg.model)
-    shape = f"-r{cfg.r}a{cfg.alpha:g}" if cfg.method not in ("full", "ia3", "prefix") else ""
+    from peftlab.methods import get_method
+
+    shape = get_method(cfg.method).run_id_part(cfg.method_fields())
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{model}-{cfg.task}-{cfg.method}{shape}-{stamp}"
 
 
 def reloadable_config(cfg) -> dict[str, Any]:
-    """The resolved config, minus method fields its method does not take, so that `--config` accepts it again."""
-    from peftlab.methods import METHOD_FIELDS, METHODS
-
-    accepted = METHODS[cfg.method].fields
-    return {k: v for k, v in cfg.model_dump().items() if k not in METHOD_FIELDS or k in accepted}
+    """The resolved config (run fields and its method's fields only), so that `--config` accepts it again."""
+    return cfg.model_dump(mode="json")
 
 
 class RunDir:

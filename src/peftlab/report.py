@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import RUN_DEFINING_FIELDS
+from peftlab.config import defining_fields
 from peftlab.errors import UserError
 from peftlab.record import METRICS_FILE, atomic_write_text
 from peftlab.summary import data_used, lora_shape, training_type
@@ -249,7 +249,7 @@ def table_columns(metric: str, higher_is_better: bool, runs: list[FinishedRun]) 
 
 def _group_key(results: dict[str, Any]) -> str:
     config = results["config"]
-    return json.dumps({k: config.get(k) for k in RUN_DEFINING_FIELDS if k != "seed"}, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in defining_fields(config).items() if k != "seed"}, sort_keys=True, default=str)
 
 
 def _sort_key(group: ConfigGroup) -> tuple:

@@ -322,7 +322,7 @@ def headline(results: dict[str, Any]) -> str:
 
 def _adoptable(rdir: Path, run: PlannedRun) -> dict[str, Any] | None:
     """results.json of an interrupted run that actually finished with this run's config, else None."""
-    from peftlab.config import RUN_DEFINING_FIELDS
+    from peftlab.config import defining_fields
 
     path = rdir / RESULTS_FILE
     if not path.is_file():
@@ -333,7 +333,7 @@ def _adoptable(rdir: Path, run: PlannedRun) -> dict[str, Any] | None:
         return None
     expected = run.config.model_dump(mode="json")
     config = results.get("config") or {}
-    if results.get("status") == "done" and all(config.get(k) == expected[k] for k in RUN_DEFINING_FIELDS):
+    if results.get("status") == "done" and defining_fields(config) == defining_fields(expected):
         return results
     return None
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from peftlab.config import RunConfig, config_field_names, format_validation_error, read_yaml, suggest_field
+from peftlab.config import RunConfig, read_yaml
+from peftlab.configure import build_config, config_field_names, suggest_field
 from peftlab.errors import UserError
 
 SWEEP_OWNED_FIELDS = ("output_dir", "overwrite", "resume")
@@ -147,7 +146,7 @@ def _drop_inapplicable_method_fields(base: dict[str, Any], grid_fields: dict[str
     method = grid_fields.get("method", base.get("method", RunConfig.model_fields["method"].default))
     if method not in METHODS:
         return dict(base)
-    takes = METHODS[method].fields
+    takes = METHODS[method].field_names()
     return {k: v for k, v in base.items() if k not in METHOD_FIELDS or k in takes}
 
 
@@ -218,10 +217,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise UserError(f"{source}: runs {seen[run_id] + 1} and {i + 1} both get the id {run_id!r}; give the "
                             "coupled-axis entries distinct `id:` labels or make the values differ")
         seen[run_id] = i
-        try:
-            cfg = RunConfig(**fields)
-        except ValidationError as err:
-            raise UserError(format_validation_error(err, f"{source} (run {run_id})")) from None
+        cfg = build_config(fields, f"{source} (run {run_id})")
         dumped = cfg.model_dump(mode="json")
         runs.append(PlannedRun(run_id, {k: dumped[k] for k in fields}, cfg))
     return SweepSpec(path, str(data.get("name") or path.stem), str(data.get("description") or ""), runs,

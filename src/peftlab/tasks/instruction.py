@@ -25,6 +25,7 @@ from peftlab.losses import (
     shift_labels,
     shifted_label_count,
 )
+from peftlab.methods import get_method
 from peftlab.prompts import (
     Encoded,
     Example,
@@ -162,9 +163,8 @@ class InstructionTask(Task):
         if limit is not None and cfg.max_length + cfg.max_new_tokens > limit:
             raise UserError(f"max_length {cfg.max_length} + max_new_tokens {cfg.max_new_tokens} exceeds the "
                             f"model's maximum positions ({limit}); lower --max-length or max_new_tokens")
-        if cfg.packing and cfg.method == "prefix":
-            raise UserError("packing does not work with prefix tuning (its prefix breaks the per-example masks); "
-                            "use --set packing=false")
+        if cfg.packing:
+            get_method(cfg.method).check_supports("packing")
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.template = choose_template(cfg.prompt_template, tokenizer)
