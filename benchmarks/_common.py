@@ -46,7 +46,7 @@ def workload_blocks(model: str, block_size: int, train_blocks: int, eval_blocks:
     Returns the first ``train_blocks`` training blocks and ``eval_blocks`` held-out blocks (offline mirror: train on
     validation.txt, evaluate on test.txt), with their sources.
     """
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.data.sources import load_splits
     from peftlab.models import load_tokenizer, resolve_model_source
     from peftlab.tasks.clm import cached_blocks

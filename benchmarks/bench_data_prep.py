@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datasets import disable_progress_bars
 
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.data.sources import load_splits
     from peftlab.models import load_tokenizer, resolve_model_source
     from peftlab.record import machine_info, package_versions

@@ -76,13 +76,10 @@ def measured_peak_gb(results: dict[str, Any]) -> tuple[float, str]:
 
 def predict(results: dict[str, Any]) -> dict[str, Any]:
     """`peftlab plan` for the run's own config (shapes only, no weights loaded)."""
-    from peftlab.config import RunConfig
-    from peftlab.methods import METHOD_FIELDS, METHODS
-    from peftlab.plan import GIB, plan_for_config
+    from peftlab.configure import config_from_saved
+    from peftlab.plan.memory import GIB, plan_for_config
 
-    config = results["config"]
-    takes = METHODS[config["method"]].fields
-    cfg = RunConfig(**{k: v for k, v in config.items() if v is not None and (k not in METHOD_FIELDS or k in takes)})
+    cfg = config_from_saved(results["config"], "results.json")
     plan = plan_for_config(cfg).as_dict()
     if results["model"]["device"].startswith("cuda"):  # max_allocated excludes the CUDA context
         plan["compared_gb"] = plan["peak_gb"] - plan["components_gb"]["runtime"]

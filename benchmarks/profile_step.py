@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("PEFTLAB_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.methods import get_method
     from peftlab.tasks import TASKS
     from peftlab.train import prepare_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peftlab.cli import main
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.tasks.classification import ClassificationTask, sorted_labels
 
 

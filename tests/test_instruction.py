@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peftlab.cli import main
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.losses import IGNORE_INDEX
 from peftlab.prompts import (
     ALPACA_PROMPT_NO_INPUT,

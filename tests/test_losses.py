@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.losses import (
     IGNORE_INDEX,
     causal_lm_loss_sum,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.evaluate import attach_adapter
 from peftlab.merge import fixed_batch, logits_of, run_merge
 from peftlab.models import load_model, smollm2_tokenizer_dir

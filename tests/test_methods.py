@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import UserError
 from peftlab.evaluate import run_eval, run_generate
-from peftlab.plan import PlanInput, load_arch, trainable_params
+from peftlab.plan.arch import load_arch
+from peftlab.plan.memory import PlanInput, trainable_params
 from peftlab.train import run_training
 from tests.conftest import tiny_overrides
 

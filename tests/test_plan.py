@@ -10,22 +10,20 @@ import sys
 import pytest
 import torch
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum
 from peftlab.methods import get_method
-from peftlab.plan import (
-    BUILTIN_ARCHS,
+from peftlab.plan.arch import BUILTIN_ARCHS, arch_from_config, load_arch
+from peftlab.plan.memory import (
     GIB,
     PlanInput,
-    arch_from_config,
     estimate_for_run,
-    load_arch,
     loaded_weight_bytes,
     plan_input_from_config,
     plan_memory,
-    seed_table,
 )
+from peftlab.plan.seed_table import seed_table
 
 # V 10, hidden 8, MLP 16, 2 layers, 2 heads of 4 (q width 8), 1 kv head (kv width 4), tied embeddings.
 TINY = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import UserError
 from peftlab.evaluate import run_eval
 from peftlab.losses import causal_lm_loss_sum

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab.checkpoint import list_checkpoints
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.errors import ResourceError, UserError
 from peftlab.tasks.clm import CausalLMTask
 from peftlab.train import run_training

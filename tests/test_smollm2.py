@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.evaluate import run_eval
 from peftlab.train import run_training
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.train import run_training
 from tests.conftest import tiny_overrides
 

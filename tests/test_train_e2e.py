@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peftlab.config import load_config
+from peftlab.configure import load_config
 from peftlab.evaluate import run_eval
 from peftlab.models import load_model
 from peftlab.train import run_training, step_micro_batches

@@ -13,56 +13,77 @@ import yaml
 
 from peftlab.errors import UserError
 
-# CLI flags for common config fields: (flag, field, type, help). Any other field: --set field=value.
-COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("--model", "model", str, "hub id, local folder, or alias (smollm2-135m, minilm-l6, tiny-llama, tiny-mistral)"),
-    ("--task", "task", str, "clm | classification | instruction"),
-    ("--dataset", "dataset", str, "dataset name (wikitext-2-raw-v1, sst2, alpaca-libre), hub id, or local file"),
-    ("--eval-dataset", "eval_dataset", str, "evaluation dataset or file"),
-    ("--data-dir", "data_dir", str, "offline dataset mirror (default: $PEFTLAB_DATA_DIR)"),
-    ("--text-column", "text_column", str, "text column"),
-    ("--text-pair-column", "text_pair_column", str, "second text column (pair classification)"),
-    ("--label-column", "label_column", str, "label column (classification)"),
-    ("--method", "method", str, "full | lora | qlora | dora | rslora | pissa | loraplus | ia3 | prefix"),
-    ("--r", "r", int, "LoRA rank (default 8)"),
-    ("--alpha", "alpha", float, "LoRA alpha (default 16)"),
-    ("--dropout", "dropout", float, "LoRA dropout (default 0.1)"),
-    ("--target-modules", "target_modules", str, "comma-separated module names (default q_proj,v_proj)"),
-    ("--lr", "lr", float, "learning rate (default 2e-4)"),
-    ("--epochs", "epochs", int, "epochs (default 1)"),
-    ("--max-steps", "max_steps", int, "stop after N optimizer steps"),
-    ("--block-size", "block_size", int, "tokens per block for clm (default 128)"),
-    ("--max-length", "max_length", int, "max tokens per example (classification, instruction)"),
-    ("--batch-size", "batch_size", int, "micro-batch size per process (default 4)"),
-    ("--grad-accum", "grad_accum", int, "gradient accumulation steps (default 8)"),
-    ("--output-dir", "output_dir", str, "run directory"),
-    ("--seed", "seed", int, "random seed (default 42)"),
-    ("--train-subset", "train_subset", int, "use the first N training blocks/examples"),
-    ("--eval-subset", "eval_subset", int, "use the first N evaluation blocks/examples"),
-    ("--device", "device", str, "auto | cpu | cuda"),
-    ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
-    ("--save-every", "save_every", int, "checkpoint every N optimizer steps"),
-    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1.0)"),
+# CLI flags for common config fields: (flag, field, type). Their help and defaults come from the config's fields
+# (RunConfig, or the method fields models); any other field: --set field=value.
+COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
+    ("--model", "model", str),
+    ("--task", "task", str),
+    ("--dataset", "dataset", str),
+    ("--eval-dataset", "eval_dataset", str),
+    ("--data-dir", "data_dir", str),
+    ("--text-column", "text_column", str),
+    ("--text-pair-column", "text_pair_column", str),
+    ("--label-column", "label_column", str),
+    ("--method", "method", str),
+    ("--r", "r", int),
+    ("--alpha", "alpha", float),
+    ("--dropout", "dropout", float),
+    ("--target-modules", "target_modules", str),
+    ("--lr", "lr", float),
+    ("--epochs", "epochs", int),
+    ("--max-steps", "max_steps", int),
+    ("--block-size", "block_size", int),
+    ("--max-length", "max_length", int),
+    ("--batch-size", "batch_size", int),
+    ("--grad-accum", "grad_accum", int),
+    ("--output-dir", "output_dir", str),
+    ("--seed", "seed", int),
+    ("--train-subset", "train_subset", int),
+    ("--eval-subset", "eval_subset", int),
+    ("--device", "device", str),
+    ("--dtype", "dtype", str),
+    ("--save-every", "save_every", int),
+    ("--max-grad-norm", "max_grad_norm", float),
 ]
-FLAGS = [("--overwrite", "overwrite", "replace a finished run in --output-dir"),
-         ("--trust-remote-code", "trust_remote_code", "run model code from the hub (off by default)"),
-         ("--allow-pickle", "allow_pickle", "allow pickle .bin/.pt weights (unsafe)"),
-         ("--gradient-checkpointing", "gradient_checkpointing", "recompute activations to save memory")]
+FLAGS = [("--overwrite", "overwrite"), ("--trust-remote-code", "trust_remote_code"), ("--allow-pickle", "allow_pickle"),
+         ("--gradient-checkpointing", "gradient_checkpointing")]
+
+
+def field_help(name: str) -> str:
+    """A config field's help: its description and default, from RunConfig or the first method that takes it."""
+    from peftlab.config import RunConfig
+    from peftlab.methods import METHODS, method_names
+
+    info = RunConfig.model_fields.get(name)
+    owners = ""
+    if info is None:
+        takers = [m for m in method_names() if name in METHODS[m].field_names()]
+        info = METHODS[takers[0]].fields.model_fields[name]
+        owners = f"; methods {', '.join(takers)}"
+    text = (info.description or name).rstrip(".")
+    if name == "method":
+        text += f": {' | '.join(method_names())}"
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    shown = f" (default {default}{owners})" if default is not None and not isinstance(default, bool) else \
+        (f" ({owners.removeprefix('; ')})" if owners else "")
+    return (text + shown).replace("%", "%%")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
-    for flag, dest, kind, text in COMMON_FIELDS:
+    for flag, dest, kind in COMMON_FIELDS:
         if fields is None or dest in fields:
-            parser.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    for flag, dest, text in FLAGS:
+            parser.add_argument(flag, dest=dest, type=kind, default=None, help=field_help(dest))
+    for flag, dest in FLAGS:
         if fields is None or dest in fields:
-            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=field_help(dest))
     parser.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
                         help="set any config field (value parsed as YAML), e.g. --set warmup_ratio=0.1")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = {dest for _, dest, _, _ in COMMON_FIELDS} | {dest for _, dest, _ in FLAGS}
+    fields = {dest for _, dest, _ in COMMON_FIELDS} | {dest for _, dest in FLAGS}
     out = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     for item in args.set_fields:
         key, sep, value = item.partition("=")
@@ -76,7 +97,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
     from peftlab.train import run_training
 
     overrides = _overrides(args)
@@ -202,20 +223,25 @@ _EXTRA_COMMANDS.append(_add_study_commands)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from peftlab import plan as planner
-    from peftlab.config import load_config
+    from peftlab.configure import load_config
+    from peftlab.plan import memory as planner
+    from peftlab.plan.seed_table import format_seed_table, seed_table
 
     if args.seed_table:
-        rows = planner.seed_table(device=args.device if args.device in ("cpu", "cuda") else "cuda",
+        rows = seed_table(device=args.device if args.device in ("cpu", "cuda") else "cuda",
                                   dtype=args.dtype if args.dtype not in (None, "auto") else "bfloat16",
                                   batch_size=args.batch_size or 4, seq_len=args.block_size or 128,
                                   grad_accum=args.grad_accum or 8)
         print(json.dumps([dict(r, plan=r["plan"].as_dict()) for r in rows], indent=2) if args.json
-              else planner.format_seed_table(rows))
+              else format_seed_table(rows))
         return 0
     cfg = load_config(args.config, _overrides(args))
     runtime = planner.runtime_bytes_option(args.runtime_gb, args.measure_runtime)
-    result = planner.plan_for_config(cfg, optimizer=args.optimizer, runtime_bytes=runtime)
+    try:
+        result = planner.plan_for_config(cfg, optimizer=args.optimizer, runtime_bytes=runtime)
+    except planner.NotPlanned as reason:  # a method the planner does not model: a note, not an error
+        print(f"note: {reason}")
+        return 0
     print(json.dumps(result.as_dict(), indent=2) if args.json else planner.format_plan(result))
     return 0
 

@@ -24,9 +24,8 @@ from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
-from peftlab.methods.adapters import INITIAL_ADAPTER_DIR, adapter_save_kwargs, save_initial_adapter
 from peftlab.models import LoadedModel, load_model, resolve_device
-from peftlab.plan import estimate_for_run
+from peftlab.plan.memory import estimate_for_run
 from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
 from peftlab.summary import format_result_row
 from peftlab.tasks import TASKS, Task
@@ -82,8 +81,9 @@ def steps_per_epoch(n: int, batch: int, accum: int, world: int) -> int:
 
 def build_optimizer(model: nn.Module, method: Method, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (or the method's own optimizer, e.g. LoRA+)."""
-    if method.make_optimizer is not None:
-        return method.make_optimizer(model, cfg)
+    own = method.make_optimizer(model, cfg)
+    if own is not None:
+        return own
     params = [p for p in model.parameters() if p.requires_grad]
     fused = cfg.fused_optimizer and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
@@ -100,10 +100,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_step
 
 def prepare_model(cfg: RunConfig, task: Task, method: Method) -> tuple[LoadedModel, nn.Module]:
     """Load the base model for the task and wrap it with the method."""
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantized_base, **task.model_kwargs())
+    method.check_supports(method.task_capability(task.model_kind))
+    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base, **task.model_kwargs())
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    model = method.apply(loaded.model, cfg, task.model_kind)
-    if cfg.gradient_checkpointing and not method.quantized_base:
+    new_modules = sorted({name.rsplit(".", 1)[0] for name in getattr(loaded.model, "peftlab_new_parameters", [])})
+    model = method.apply(loaded.model, cfg, task.model_kind, new_modules)
+    if cfg.gradient_checkpointing and not method.quantizes_base:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method.is_peft and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -169,6 +171,7 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
     state.total_steps, state.steps_per_epoch = total_steps, per_epoch
     optimizer = build_optimizer(model, method, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
+    method.begin_training(model, total_steps)
     if resume_from is not None:
         load_checkpoint(resume_from, model, optimizer, scheduler, resume_state)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -198,6 +201,7 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(state.step, "gradient norm")
             optimizer.step()
+            method.after_optimizer_step(accelerator.unwrap_model(model), state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.epoch_elapsed_s += timer.stop()
@@ -241,7 +245,7 @@ def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: Run
     model = accelerator.unwrap_model(model)
     target = run.path / ("adapter" if method.is_peft else "model")
     if accelerator.is_main_process:
-        model.save_pretrained(target, safe_serialization=True, **adapter_save_kwargs(method, run.path))
+        model.save_pretrained(target, safe_serialization=True, **method.save_kwargs(run.path))
         loaded.tokenizer.save_pretrained(target)
         for name, text in (extra_files or {}).items():
             (target / name).write_text(text, encoding="utf-8")
@@ -307,8 +311,8 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     load_timer.start()
     meter.start("load")
     loaded, model = prepare_model(cfg, task, method)
-    if accelerator.is_main_process and not (run.path / INITIAL_ADAPTER_DIR).is_dir():
-        save_initial_adapter(model, method, run.path)  # PiSSA: needed to save a plain LoRA at the end
+    if accelerator.is_main_process:
+        method.before_training_save(model, run.path)  # PiSSA: its initial adapter, to save a plain LoRA at the end
     task.build(loaded.tokenizer, model)
     meter.stop()
     load_timer.stop()
@@ -352,7 +356,8 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
         "config": cfg.model_dump(),
         "model": {"name": cfg.model, "source": loaded.source, "architecture": type(loaded.model).__name__,
                   "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(device)},
-        "method": {"name": method.name, "summary": method.summary, "r": cfg.r, "alpha": cfg.alpha,
+        "method": {"name": method.name, "summary": method.summary, "r": cfg.method_fields().get("r"),
+                   "alpha": cfg.method_fields().get("alpha"), "fields": cfg.method_fields(),
                    "target_modules": _adapter_targets(model)},
         "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
         "data": task.info(),
