@@ -122,3 +122,12 @@ def test_register_takes_a_class_or_an_instance(monkeypatch):
     assert register(Hooked) is Hooked and isinstance(methods.METHODS[Hooked.name], Hooked)
     with pytest.raises(TypeError):
         register(object())
+
+
+def test_readme_methods_table_matches_the_registry():
+    from pathlib import Path
+
+    from peftlab.methods.table import readme_section
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    assert readme_section() in readme, "stale README table: run python -m peftlab.methods.table --write README.md"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from peftlab.methods import register
 from peftlab.methods.base import Method, PlanTerms, peft_task_type, plan_targets
 from peftlab.methods.fields import TargetFields
@@ -18,6 +20,12 @@ FEEDFORWARD_NAMES = {"down_proj", "fc2", "w2", "dense_4h_to_h", "output"}
 PLAN_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
 
 
+class Ia3Fields(TargetFields):
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Module names that get rescaling vectors (default: peft's IA3 targets for "
+        "the architecture, k_proj,v_proj,down_proj for Llama).")
+
+
 @register
 class Ia3(Method):
     name = "ia3"
@@ -25,7 +33,7 @@ class Ia3(Method):
     family = "ia3"
     summary = "learned rescaling vectors (Liu et al. 2022)"
     order = 70
-    fields = TargetFields
+    fields = Ia3Fields
     mergeable = True
 
     def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
@@ -34,7 +42,7 @@ class Ia3(Method):
         from peftlab.methods.targets import resolve_targets
 
         targets, feedforward = None, None  # peft's defaults for the architecture
-        if cfg.is_set("target_modules"):
+        if cfg.target_modules is not None:
             targets = resolve_targets(model, cfg.target_modules, user_set=True)
             feedforward = [t for t in targets if t in FEEDFORWARD_NAMES]
         return get_peft_model(model, IA3Config(task_type=peft_task_type(task_kind), target_modules=targets,
