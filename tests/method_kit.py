@@ -112,7 +112,7 @@ def check_method(method, tmp_path, steps: int = 2, **values: Any):
     model = method.apply(base, cfg, "causal_lm", [])
     n_trainable, largest = trainable_counts(model)
     terms = method.plan_terms(arch, plan_input(cfg))
-    assert (terms.trainable_params, terms.largest_trainable) == (n_trainable, largest)
+    assert (terms.trainable_params, terms.largest_trainable) == (n_trainable, largest), (terms, n_trainable, largest)
 
     batch = fixed_batch(model.config.vocab_size)
     before = eval_loss(model, batch)
