@@ -26,7 +26,6 @@ PROMPT_UNSUPPORTED = {
     "merge": "cannot be merged: its virtual tokens are inputs, not weights; use the adapter with the base",
     "packing": "does not work with packing (its virtual tokens break the per-example masks); "
                "use --set packing=false",
-    "quantized_base": "is not supported over a 4-bit base here",
 }
 #: What the weight-adapter methods added here cannot do (peft has no 4-bit layers for them).
 NO_4BIT = "has no 4-bit (bitsandbytes) layers in peft; use a full-precision base"
