@@ -131,6 +131,12 @@ def check_method(method, tmp_path, steps: int = 2, **values: Any):
         got = reloaded(**probe).logits
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-6, rtol=0), float((got - expected).abs().max())
+    if method.mergeable:  # the trait promises peft's merge_and_unload: same logits from a plain model
+        merged = reloaded.merge_and_unload()
+        assert not any(n for n, _ in merged.named_parameters() if "base_layer" in n)
+        with torch.no_grad():
+            got_merged = merged(**probe).logits
+        assert torch.allclose(got_merged, expected, atol=1e-4, rtol=0), float((got_merged - expected).abs().max())
     return model
 
 
