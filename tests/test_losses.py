@@ -69,3 +69,22 @@ def test_chunked_model_loss_matches_plain_for_lora():
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-4)
     for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_virtual_tokens_are_left_out_of_the_loss(method):
+    """Prompt-learning methods prepend virtual tokens: both loss paths score only the real tokens, and agree."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.configure import load_config
+    from peftlab.methods import get_method
+    from peftlab.models import tiny_model_dir
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir("tiny-llama"))
+    model = get_method(method).apply(base, load_config(None, {"model": "tiny-llama", "method": method}),
+                                     "causal_lm", [])
+    ids = torch.randint(0, 100, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    chunked, plain = causal_lm_loss_sum(model, batch, chunked=True), causal_lm_loss_sum(model, batch, chunked=False)
+    torch.testing.assert_close(chunked, plain, rtol=1e-4, atol=1e-3)

@@ -33,10 +33,11 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked
     if head is not None:
         return causal_lm_loss_sum_chunked(model, batch, head)
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    logits = out.logits
+    labels = shift_labels(batch["labels"])
+    logits = out.logits[:, -labels.size(1):]  # without the virtual tokens of prompt-learning methods
     if logits.dtype != torch.float32:
         logits = logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), shift_labels(batch["labels"]).reshape(-1),
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -139,4 +140,7 @@ def causal_lm_loss_sum_chunked(model: nn.Module, batch: dict[str, torch.Tensor],
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device),
                 output_hidden_states=True, use_cache=False)
-    return chunked_linear_cross_entropy(out.hidden_states[-1], head.weight, shift_labels(batch["labels"]), chunk)
+    labels = shift_labels(batch["labels"])
+    # prompt-learning methods (prompt tuning, P-tuning) prepend virtual tokens: the real tokens are the last ones
+    hidden = out.hidden_states[-1][:, -labels.size(1):]
+    return chunked_linear_cross_entropy(hidden, head.weight, labels, chunk)

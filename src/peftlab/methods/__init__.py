@@ -53,6 +53,16 @@ METHOD_MODULES = (
     "qlora",
     "ia3",
     "prefix",
+    "loha",
+    "lokr",
+    "oft",
+    "boft",
+    "vera",
+    "adalora",
+    "fourierft",
+    "ln_tuning",
+    "prompt_tuning",
+    "p_tuning",
 )
 
 for _module in METHOD_MODULES:
