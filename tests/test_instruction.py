@@ -175,13 +175,12 @@ def test_batched_generation_matches_one_at_a_time(tmp_path: Path, tokenizer, tin
     cfg = load_config(None, dict(task="instruction", model="tiny-llama", dataset=str(train),
                                  eval_dataset=str(train), max_new_tokens=6, batch_size=4, max_length=64))
     task = InstructionTask(cfg)
-    task.load()
-    task.build(tokenizer, tiny_model)
-    encoder = task.encoder
+    data = task.prepare(task.load(), tokenizer, tiny_model)
+    encoder = data.encoder
     items = [encoder.encode(alpaca_example(text, "", "z")) for text in
              ("Short.", "A rather longer instruction than the first one is.", "Mid length one.")]
-    together = task.generate(tiny_model, items)
-    alone = [task.generate(tiny_model, [e])[0] for e in items]
+    together = task.generate(data, tiny_model, items)
+    alone = [task.generate(data, tiny_model, [e])[0] for e in items]
     assert together == alone
 
 
@@ -215,9 +214,9 @@ def test_null_output_is_missing_but_blank_output_is_skipped(tmp_path: Path, caps
                                                    {"instruction": "b", "input": "", "output": "c"}])
     task = InstructionTask(load_config(None, dict(task="instruction", dataset=str(train),
                                                   eval_dataset=str(train))))
-    task.load()
-    assert [e.response for e in task.train_examples] == ["c"]
-    assert any("skipped 1 records" in n and "blank" in n for n in task.notes)
+    raw = task.load()
+    assert [e.response for e in raw.train_examples] == ["c"]
+    assert any("skipped 1 records" in n and "blank" in n for n in raw.notes)
 
 
 def test_no_instruction_or_messages_column(tmp_path: Path, capsys) -> None:

@@ -29,7 +29,7 @@ from peftlab.models import LoadedModel, load_model, resolve_device
 from peftlab.plan import estimate_for_run
 from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
 from peftlab.summary import format_result_row
-from peftlab.tasks import TASKS, Task
+from peftlab.tasks import Evaluation, Task, get_task
 
 OOM_ADVICE = ("use a smaller --batch-size (raise --grad-accum to keep the global batch), turn on "
               "--gradient-checkpointing, or use --method qlora")
@@ -98,11 +98,43 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_step
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def prepare_model(cfg: RunConfig, task: Task, method: Method) -> tuple[LoadedModel, nn.Module]:
-    """Load the base model for the task and wrap it with the method."""
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantized_base, **task.model_kwargs())
+def apply_method(method: Method, model: nn.Module, cfg: RunConfig, task_kind: str,
+                 new_modules: list[str]) -> nn.Module:
+    """Wrap the base model with the method; ``new_modules`` (a new head) are trained and saved with the adapter."""
+    # --- RECONCILE with the new Method API (methods/base.py): these 3 lines become
+    #     return method.apply(model, cfg, task_kind, new_modules)      and _modules_to_save_bridge goes.
+    model = method.apply(model, cfg, task_kind)
+    _modules_to_save_bridge(model, new_modules)
+    return model
+
+
+def _modules_to_save_bridge(model: nn.Module, new_modules: list[str]) -> None:
+    """TEMPORARY (old Method API only): add the new modules to the adapter config's ``modules_to_save``."""
+    if not new_modules or not hasattr(model, "peft_config"):
+        return  # full fine-tuning trains and saves every weight
+    import copy
+
+    from peft.utils.other import set_additional_trainable_modules
+
+    adapter = model.active_adapter
+    config = model.peft_config[adapter]
+    if not hasattr(config, "modules_to_save"):
+        raise UserError(f"method {type(config).__name__}: the model's new modules {', '.join(new_modules)} cannot "
+                        "be trained with this adapter; use --method lora or full")
+    missing = [m for m in new_modules if m not in (config.modules_to_save or [])]
+    if missing:
+        config.modules_to_save = [*(config.modules_to_save or []), *missing]
+        narrow = copy.copy(config)
+        narrow.modules_to_save = missing  # wrap only these; peft's own head is wrapped already
+        set_additional_trainable_modules(model, narrow, {}, adapter)
+
+
+def prepare_model(cfg: RunConfig, task: Task, method: Method,
+                  model_kwargs: dict[str, Any] | None = None) -> tuple[LoadedModel, nn.Module]:
+    """Load the base model for the task (``model_kwargs``: ``task.model_kwargs(raw)``) and wrap it with the method."""
+    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantized_base, **(model_kwargs or {}))
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    model = method.apply(loaded.model, cfg, task.model_kind)
+    model = apply_method(method, loaded.model, cfg, task.model_kind, loaded.new_modules)
     if cfg.gradient_checkpointing and not method.quantized_base:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method.is_peft and hasattr(model, "enable_input_require_grads"):
@@ -154,12 +186,12 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
     return float(step_loss / counts[0]), float(grad_norm), int(counts[1])
 
 
-def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, accelerator, run: RunDir,
+def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: Method, accelerator, run: RunDir,
                state: LoopState, device: torch.device, eval_timer: Stopwatch,
                resume_from: Path | None = None, resume_state: dict[str, Any] | None = None) -> LoopState:
     """Run optimizer steps until the epochs (or max_steps) are done, checkpointing as configured."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    n = task.num_train_examples()
+    n = task.num_train_examples(data)
     per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.grad_accum, world)
     if per_epoch == 0:
         raise UserError(f"train_subset/dataset: {n} training examples are fewer than one optimizer step "
@@ -189,7 +221,7 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
         perm = epoch_permutation(n, cfg.seed, epoch)
         for step_in_epoch in range(state.step_in_epoch, per_epoch):
             timer.start()
-            micro = [task.train_batch(ix) for ix in step_micro_batches(
+            micro = [task.train_batch(data, ix) for ix in step_micro_batches(
                 perm, step_in_epoch, cfg.batch_size, cfg.grad_accum, world, rank)]
             mean_loss, grad_norm, tokens = optimizer_step(task, model, micro, accelerator, trainable, clip, device)
             state.step += 1
@@ -224,7 +256,7 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
             break
         # Epoch end (not the last): evaluate, then checkpoint with the metric for keep_best.
         eval_timer.start()
-        metrics = task.evaluate(accelerator.unwrap_model(model), f"epoch{epoch + 1}")
+        metrics = task.evaluate(data, accelerator.unwrap_model(model), f"epoch{epoch + 1}").metrics
         model.train()
         eval_timer.stop()
         state.epoch_evals.append({"epoch": epoch + 1, "step": state.step, **metrics})
@@ -255,8 +287,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     method = get_method(cfg.method)
-    task = TASKS[cfg.task](cfg)
-    task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
+    task = get_task(cfg.task)(cfg)
+    raw = task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
 
     # cpu=True whenever training runs on CPU (also for device "auto" without CUDA): under torchrun this is what
     # makes accelerate join the gloo process group (MULTI_CPU) instead of running each rank alone.
@@ -282,7 +314,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train_and_record(cfg, task, method, accelerator, run, started, resume)
+        return _train_and_record(cfg, task, raw, method, accelerator, run, started, resume)
     except TrainingDiverged as exc:
         run.fail(str(exc), {"step": exc.step})
         raise UserError(f"training stopped: {exc}; lower --lr, check the data, or keep --max-grad-norm on. "
@@ -298,7 +330,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         raise
 
 
-def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, run: RunDir,
+def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, accelerator, run: RunDir,
                       started: dt.datetime, resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
     from peftlab.models import resolve_device
 
@@ -306,10 +338,10 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     load_timer = Stopwatch()
     load_timer.start()
     meter.start("load")
-    loaded, model = prepare_model(cfg, task, method)
+    loaded, model = prepare_model(cfg, task, method, task.model_kwargs(raw))
     if accelerator.is_main_process and not (run.path / INITIAL_ADAPTER_DIR).is_dir():
         save_initial_adapter(model, method, run.path)  # PiSSA: needed to save a plain LoRA at the end
-    task.build(loaded.tokenizer, model)
+    data = task.prepare(raw, loaded.tokenizer, model)
     meter.stop()
     load_timer.stop()
     device = loaded.device
@@ -320,26 +352,29 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
 
     eval_timer = Stopwatch(device)
     state, resumed_from = LoopState(), None
+    before: Evaluation | None = None  # its per-example outputs go into the artifacts (not kept across a resume)
     if resume is not None:
         resumed_from, saved_state = resume
         state = LoopState(**saved_state["loop"])
     elif cfg.eval_before:
         eval_timer.start()
-        state.before = task.evaluate(model, "before")
+        before = task.evaluate(data, model, "before")
+        state.before = before.metrics
         eval_timer.stop()
 
     meter.start("train")
-    state = train_loop(cfg, task, model, method, accelerator, run, state, device, eval_timer,
+    state = train_loop(cfg, task, data, model, method, accelerator, run, state, device, eval_timer,
                        resumed_from, resume[1] if resume else None)
     per_process = train_peaks_per_process(meter.stop(), accelerator, device)
 
     eval_timer.start()
-    after = task.evaluate(accelerator.unwrap_model(model), "after")
+    final = task.evaluate(data, accelerator.unwrap_model(model), "after")
+    after = final.metrics
     eval_timer.stop()
-    sample = task.sample(accelerator.unwrap_model(model))
+    sample = task.sample(data, accelerator.unwrap_model(model), final)
     saved = save_trained(model, loaded, method, run, accelerator)
     if run.is_writer:  # only rank 0 writes files
-        task.write_artifacts(run.path, accelerator.unwrap_model(model))
+        task.write_artifacts(data, run.path, final, before)
 
     train_time = state.train_seconds()
     epoch_fraction = state.step / state.steps_per_epoch
@@ -355,7 +390,7 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
         "method": {"name": method.name, "summary": method.summary, "r": cfg.r, "alpha": cfg.alpha,
                    "target_modules": _adapter_targets(model)},
         "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
-        "data": task.info(),
+        "data": task.info(data),
         "params": params,
         "metrics": {"before": state.before, "after": after, "per_epoch": state.epoch_evals,
                     "final_train_loss": state.history[-1]["loss"] if state.history else None},
