@@ -184,6 +184,38 @@ def test_batched_generation_matches_one_at_a_time(tmp_path: Path, tokenizer, tin
     assert together == alone
 
 
+def test_generation_shows_a_progress_bar_on_terminals_only(tmp_path: Path, tokenizer, tiny_model,
+                                                           monkeypatch) -> None:
+    import peftlab.tasks.instruction as instruction
+    from peftlab.tasks.common import progress
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total, desc, unit):
+            self.args, self.done, self.real = (total, desc, unit), 0, progress(total, desc, unit)
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+        def update(self, n):
+            self.done += n
+
+    monkeypatch.setattr(instruction, "progress", Recording)
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"x{i}", "output": "y"} for i in range(3)])
+    cfg = load_config(None, dict(task="instruction", model="tiny-llama", dataset=str(train),
+                                 eval_dataset=str(train), max_new_tokens=2, batch_size=2, max_length=64))
+    task = instruction.InstructionTask(cfg)
+    data = task.prepare(task.load(), tokenizer, tiny_model)
+    task.evaluate(data, tiny_model, "before")
+    assert [(b.args, b.done) for b in bars] == [((3, "generate (before)", "example"), 3)]
+    assert bars[0].real.disable  # pytest's captured stderr is not a terminal
+
+
 # --- bad input -------------------------------------------------------------------------------------------------
 
 def ins_argv(tmp_path: Path, train: Path, evaluation: Path | None = None) -> list[str]:
