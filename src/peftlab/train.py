@@ -101,8 +101,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_step
 def apply_method(method: Method, model: nn.Module, cfg: RunConfig, task_kind: str,
                  new_modules: list[str]) -> nn.Module:
     """Wrap the base model with the method; ``new_modules`` (a new head) are trained and saved with the adapter."""
-    # --- RECONCILE with the new Method API (methods/base.py): these 3 lines become
-    #     return method.apply(model, cfg, task_kind, new_modules)      and _modules_to_save_bridge goes.
+    # --- RECONCILE with the new Method API (methods/base.py): the 3 lines below become the one line
+    #     return method.apply(model, cfg, task_kind, new_modules)      and _modules_to_save_bridge is deleted.
     model = method.apply(model, cfg, task_kind)
     _modules_to_save_bridge(model, new_modules)
     return model
