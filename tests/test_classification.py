@@ -10,7 +10,7 @@ import torch
 
 from peftlab.cli import main
 from peftlab.configure import load_config
-from peftlab.tasks.classification import ClassificationTask, sorted_labels
+from peftlab.tasks.classification import ClassificationRaw, ClassificationTask, sorted_labels
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -18,12 +18,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def task_for(tmp_path: Path, train: Path, evaluation: Path, **extra) -> ClassificationTask:
+def task_for(tmp_path: Path, train: Path, evaluation: Path, **extra) -> tuple[ClassificationTask, ClassificationRaw]:
     cfg = load_config(None, dict(task="classification", model="tiny-llama", dataset=str(train),
                                  eval_dataset=str(evaluation), output_dir=str(tmp_path / "run"), **extra))
     task = ClassificationTask(cfg)
-    task.load()
-    return task
+    return task, task.load()
+
+
+def prepared(task: ClassificationTask, raw: ClassificationRaw):
+    """The task's prepared data for tiny-llama's classification model."""
+    from peftlab.models import load_model
+
+    loaded = load_model(task.cfg, task_kind="seq_cls", **task.model_kwargs(raw))
+    return task.prepare(raw, loaded.tokenizer, loaded.model)
 
 
 def error_line(capsys, argv: list[str]) -> str:
@@ -46,30 +53,31 @@ def test_integer_labels_sort_numerically(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": v} for i, v in
                                                   enumerate([10, 2, 0, 2, 1])])
     evaluation = write_jsonl(tmp_path / "eval.jsonl", [{"text": "e", "label": 10}, {"text": "f", "label": 0}])
-    task = task_for(tmp_path, train, evaluation)
-    assert task.label_names == ["0", "1", "2", "10"]
-    assert [row[2] for row in task.train_rows] == [3, 2, 0, 2, 1]
-    assert [row[2] for row in task.eval_rows] == [3, 0]
-    assert task.model_kwargs() == {"num_labels": 4, "label_names": ["0", "1", "2", "10"]}
-    assert task.info()["labels"] == ["0", "1", "2", "10"]
-    assert task.info()["label_counts_train"] == {"10": 1, "2": 2, "0": 1, "1": 1}
+    task, raw = task_for(tmp_path, train, evaluation)
+    assert list(raw.label_names) == ["0", "1", "2", "10"]
+    assert [row[2] for row in raw.train_rows] == [3, 2, 0, 2, 1]
+    assert [row[2] for row in raw.eval_rows] == [3, 0]
+    assert task.model_kwargs(raw) == {"num_labels": 4, "label_names": ["0", "1", "2", "10"]}
+    data = prepared(task, raw)
+    assert task.info(data)["labels"] == ["0", "1", "2", "10"]
+    assert task.info(data)["label_counts_train"] == {"10": 1, "2": 2, "0": 1, "1": 1}
 
 
 def test_string_labels_sort_alphabetically_and_digit_strings_match_integers(tmp_path: Path) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"},
                                                   {"text": "c", "label": " neutral "}])
     evaluation = write_jsonl(tmp_path / "eval.jsonl", [{"text": "d", "label": "neutral"}])
-    task = task_for(tmp_path, train, evaluation)
-    assert task.label_names == ["neg", "neutral", "pos"]
-    assert [row[2] for row in task.train_rows] == [2, 0, 1]
+    task, raw = task_for(tmp_path, train, evaluation)
+    assert list(raw.label_names) == ["neg", "neutral", "pos"]
+    assert [row[2] for row in raw.train_rows] == [2, 0, 1]
     # A TSV gives the strings "0"/"1"; a jsonl eval file with integers 0/1 maps onto the same ids.
     tsv = tmp_path / "train.tsv"
     tsv.write_text("label\tsentence\n1\tgood\n0\tbad\n", encoding="utf-8")
     evaluation = write_jsonl(tmp_path / "eval2.jsonl", [{"sentence": "fine", "label": 1}])
-    task = task_for(tmp_path, tsv, evaluation, text_column="sentence")
-    assert task.label_names == ["0", "1"]
-    assert [row[2] for row in task.train_rows] == [1, 0]
-    assert [row[2] for row in task.eval_rows] == [1]
+    task, raw = task_for(tmp_path, tsv, evaluation, text_column="sentence")
+    assert list(raw.label_names) == ["0", "1"]
+    assert [row[2] for row in raw.train_rows] == [1, 0]
+    assert [row[2] for row in raw.eval_rows] == [1]
 
 
 def test_sorted_labels_mixed_and_negative() -> None:
@@ -189,12 +197,12 @@ def test_train_and_reload_gives_identical_predictions(tmp_path: Path, capsys) ->
     # Reload base + adapter: identical predictions and probabilities.
     cfg = eval_config(str(run / "adapter"), {})
     task = ClassificationTask(cfg)
-    task.load()
-    loaded = load_model(cfg, task_kind="seq_cls", **task.model_kwargs())
+    raw = task.load()
+    loaded = load_model(cfg, task_kind="seq_cls", **task.model_kwargs(raw))
     model = attach_adapter(loaded.model, run / "adapter")
-    task.build(loaded.tokenizer, model)
-    ids, probs, _ = task.predict(model)
-    assert [task.label_names[i] for i in ids] == [p["prediction"] for p in preds]
+    data = task.prepare(raw, loaded.tokenizer, model)
+    ids, probs, _ = task.predict(data, model)
+    assert [raw.label_names[i] for i in ids] == [p["prediction"] for p in preds]
     assert probs == pytest.approx([p["probability"] for p in preds], abs=1e-6)
 
     # `peftlab eval --adapter` reproduces the recorded metrics.
@@ -210,15 +218,16 @@ def test_new_modules_missing_from_checkpoint_are_trained_and_saved(tmp_path: Pat
     from peftlab.evaluate import attach_adapter
     from peftlab.methods import get_method
     from peftlab.models import load_model
-    from peftlab.tasks.classification import save_new_modules
+    from peftlab.tasks.classification import extra_saved_modules
 
     cfg = load_config(None, dict(task="classification", model="tiny-llama"))
     loaded = load_model(cfg, task_kind="seq_cls", num_labels=2, label_names=["a", "b"])
-    assert loaded.model.peftlab_new_parameters == ["score.weight"]
-    loaded.model.peftlab_new_parameters = ["model.norm.weight", "score.weight"]
-    model = get_method("lora").apply(loaded.model, cfg, "seq_cls")
-    assert save_new_modules(model) == ["model.norm"]
-    assert save_new_modules(model) == []  # idempotent
+    assert loaded.new_modules == ["score"]
+    assert not hasattr(loaded.model, "peftlab_new_parameters")  # nothing is patched onto the model
+    model = get_method("lora").apply(loaded.model, cfg, "seq_cls", ["model.norm", "score"])
+    assert extra_saved_modules(model) == ["model.norm"]
+    assert "score" in model.peft_config["default"].modules_to_save  # peft's own head stays saved
+    assert model.peft_config["default"].modules_to_save.count("model.norm") == 1  # added once
     norm = [p for n, p in model.named_parameters() if "model.norm.modules_to_save" in n]
     assert norm and all(p.requires_grad for p in norm)
     with torch.no_grad():
@@ -247,8 +256,7 @@ def test_minilm_head_is_the_only_new_weight_and_reload_is_exact(tmp_path: Path, 
     from peftlab.models import load_model
 
     cfg = load_config(None, dict(task="classification", model="minilm-l6"))
-    assert load_model(cfg, "seq_cls", num_labels=2, label_names=["0", "1"]).model.peftlab_new_parameters == [
-        "classifier.bias", "classifier.weight"]
+    assert load_model(cfg, "seq_cls", num_labels=2, label_names=["0", "1"]).new_modules == ["classifier"]
     capsys.readouterr()
     assert main(["eval", "--adapter", str(run / "adapter")]) == 0
     assert json.loads(capsys.readouterr().out) == results["metrics"]["after"]

@@ -175,14 +175,45 @@ def test_batched_generation_matches_one_at_a_time(tmp_path: Path, tokenizer, tin
     cfg = load_config(None, dict(task="instruction", model="tiny-llama", dataset=str(train),
                                  eval_dataset=str(train), max_new_tokens=6, batch_size=4, max_length=64))
     task = InstructionTask(cfg)
-    task.load()
-    task.build(tokenizer, tiny_model)
-    encoder = task.encoder
+    data = task.prepare(task.load(), tokenizer, tiny_model)
+    encoder = data.encoder
     items = [encoder.encode(alpaca_example(text, "", "z")) for text in
              ("Short.", "A rather longer instruction than the first one is.", "Mid length one.")]
-    together = task.generate(tiny_model, items)
-    alone = [task.generate(tiny_model, [e])[0] for e in items]
+    together = task.generate(data, tiny_model, items)
+    alone = [task.generate(data, tiny_model, [e])[0] for e in items]
     assert together == alone
+
+
+def test_generation_shows_a_progress_bar_on_terminals_only(tmp_path: Path, tokenizer, tiny_model,
+                                                           monkeypatch) -> None:
+    import peftlab.tasks.instruction as instruction
+    from peftlab.tasks.common import progress
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total, desc, unit):
+            self.args, self.done, self.real = (total, desc, unit), 0, progress(total, desc, unit)
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.real.close()
+
+        def update(self, n):
+            self.done += n
+
+    monkeypatch.setattr(instruction, "progress", Recording)
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"x{i}", "output": "y"} for i in range(3)])
+    cfg = load_config(None, dict(task="instruction", model="tiny-llama", dataset=str(train),
+                                 eval_dataset=str(train), max_new_tokens=2, batch_size=2, max_length=64))
+    task = instruction.InstructionTask(cfg)
+    data = task.prepare(task.load(), tokenizer, tiny_model)
+    task.evaluate(data, tiny_model, "before")
+    assert [(b.args, b.done) for b in bars] == [((3, "generate (before)", "example"), 3)]
+    assert bars[0].real.disable  # pytest's captured stderr is not a terminal
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -215,9 +246,9 @@ def test_null_output_is_missing_but_blank_output_is_skipped(tmp_path: Path, caps
                                                    {"instruction": "b", "input": "", "output": "c"}])
     task = InstructionTask(load_config(None, dict(task="instruction", dataset=str(train),
                                                   eval_dataset=str(train))))
-    task.load()
-    assert [e.response for e in task.train_examples] == ["c"]
-    assert any("skipped 1 records" in n and "blank" in n for n in task.notes)
+    raw = task.load()
+    assert [e.response for e in raw.train_examples] == ["c"]
+    assert any("skipped 1 records" in n and "blank" in n for n in raw.notes)
 
 
 def test_no_instruction_or_messages_column(tmp_path: Path, capsys) -> None:

@@ -87,3 +87,13 @@ def test_generation_metrics_keys_and_errors() -> None:
         rouge_l(["a"], [])
     with pytest.raises(ValueError):
         exact_match([], [])
+
+
+def test_metric_functions_give_the_keys_the_tasks_declare() -> None:
+    """The tasks' declared metrics (peftlab.tasks) are the keys these functions return."""
+    from peftlab.tasks import get_task
+
+    classification = get_task("classification")
+    assert set(classification_metrics(Y_TRUE, Y_PRED, 3)) == {m.key for m in classification.metrics}
+    generated = {m.key for m in get_task("instruction").metrics if m.generated}
+    assert set(generation_metrics(["a b"], ["a b"])) == generated

@@ -107,10 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.processes is not None and args.processes != 1:
         from peftlab.launch import check_launch, launch_train
         from peftlab.models import resolve_device
-        from peftlab.tasks import TASKS
+        from peftlab.tasks import get_task
 
         check_launch(args.processes)
-        TASKS[cfg.task](cfg).load()  # missing files, empty data, bad columns: one line here, not one per rank
+        get_task(cfg.task)(cfg).load()  # missing files, empty data, bad columns: one line here, not one per rank
         return launch_train(args.argv, args.processes, resolve_device(cfg.device).type)
     run_training(cfg)
     return 0

@@ -15,7 +15,7 @@ from peftlab.configure import build_config, load_config
 from peftlab.errors import UserError
 from peftlab.methods import METHODS, get_method
 from peftlab.models import LoadedModel, load_model
-from peftlab.tasks import TASKS, Task
+from peftlab.tasks import get_task
 
 
 def run_config_of(adapter: str | Path) -> dict[str, Any]:
@@ -43,8 +43,8 @@ def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
     return load_config(None, base)
 
 
-def load_for_eval(cfg: RunConfig, task: Task, adapter: str | None, base_precision: str) -> tuple[LoadedModel,
-                                                                                                nn.Module]:
+def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, task_kind: str = "causal_lm",
+                  **model_kwargs: Any) -> tuple[LoadedModel, nn.Module]:
     """Load the base model (4-bit if the adapter was trained with QLoRA, unless told otherwise) + adapter."""
     if cfg.threads:  # as in training: the run's thread count, unless overridden (--set threads=N)
         torch.set_num_threads(cfg.threads)
@@ -54,7 +54,7 @@ def load_for_eval(cfg: RunConfig, task: Task, adapter: str | None, base_precisio
         quantizer = next(m for m in METHODS.values() if m.quantizes_base)
         cfg = build_config({**cfg.model_dump(exclude=set(cfg.method_fields())), "method": quantizer.name},
                            "--base-precision 4bit")
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=quantize, **task.model_kwargs())
+    loaded = load_model(cfg, task_kind=task_kind, quantize_4bit=quantize, **model_kwargs)
     model = loaded.model
     if adapter:
         model = attach_adapter(model, adapter)
@@ -94,14 +94,15 @@ def check_recorded_labels(adapter: str | Path, labels: list[str] | None) -> None
 def run_eval(overrides: dict[str, Any], adapter: str | None, base_precision: str = "auto") -> dict[str, Any]:
     """Evaluate a model (+ adapter) with the task's metrics on a split."""
     cfg = eval_config(adapter, overrides)
-    task = TASKS[cfg.task](cfg)
-    task.load()
+    task = get_task(cfg.task)(cfg)
+    raw = task.load()
+    model_kwargs = task.model_kwargs(raw)
     if adapter:
-        check_recorded_labels(adapter, getattr(task, "label_names", None))
-    loaded, model = load_for_eval(cfg, task, adapter, base_precision)
-    task.build(loaded.tokenizer, model)
-    metrics = task.evaluate(model, "eval")
-    return {"model": cfg.model, "adapter": adapter, "task": cfg.task, "data": task.info(), "metrics": metrics}
+        check_recorded_labels(adapter, model_kwargs.get("label_names"))
+    loaded, model = load_for_eval(cfg, adapter, base_precision, task.model_kind, **model_kwargs)
+    data = task.prepare(raw, loaded.tokenizer, model)
+    metrics = task.evaluate(data, model, "eval").metrics
+    return {"model": cfg.model, "adapter": adapter, "task": cfg.task, "data": task.info(data), "metrics": metrics}
 
 
 def run_generate(overrides: dict[str, Any], adapter: str | None, prompt: str, max_new_tokens: int,
@@ -110,8 +111,7 @@ def run_generate(overrides: dict[str, Any], adapter: str | None, prompt: str, ma
     from peftlab.tasks.clm import generate_text
 
     cfg = eval_config(adapter, overrides)
-    task = TASKS["clm"](cfg)
-    loaded, model = load_for_eval(cfg, task, adapter, base_precision)
+    loaded, model = load_for_eval(cfg, adapter, base_precision)  # generation needs a causal LM, whatever the task
     tok = loaded.tokenizer
     if chat:
         if not getattr(tok, "chat_template", None):

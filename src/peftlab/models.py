@@ -13,7 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -181,13 +181,24 @@ def _first_line(exc: BaseException) -> str:
 
 @dataclass
 class LoadedModel:
-    """A base model with its tokenizer and where it came from."""
+    """A base model with its tokenizer and where it came from.
+
+    ``new_modules`` are the module paths whose weights the checkpoint lacked (a classification head such as
+    ``score`` or ``classifier``, sometimes a pooler): randomly initialised, so a method must train them and save
+    them with the adapter (peft ``modules_to_save``).
+    """
 
     model: nn.Module
     tokenizer: object
     source: str
     device: torch.device
     dtype: torch.dtype
+    new_modules: list[str] = field(default_factory=list)
+
+
+def new_module_paths(missing_keys) -> list[str]:
+    """The modules that own the checkpoint's missing weights ('score.weight' -> 'score'), sorted, once each."""
+    return sorted({key.rsplit(".", 1)[0] if "." in key else key for key in missing_keys})
 
 
 def quantization_config(cfg, dtype: torch.dtype):
@@ -266,12 +277,11 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
                       label2id={n: i for i, n in enumerate(label_names or [])})
     else:
         cls = AutoModelForCausalLM
+    new_modules: list[str] = []
     try:
         if task_kind == "seq_cls":
             model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs)
-            # Newly initialised weights (the head, sometimes a pooler): they must be trained and saved with an
-            # adapter, see peftlab.tasks.classification.save_new_modules.
-            model.peftlab_new_parameters = sorted(loading["missing_keys"])
+            new_modules = new_module_paths(loading["missing_keys"])
         else:
             model = cls.from_pretrained(source, **kwargs)
     except OSError as exc:
@@ -289,7 +299,8 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         detach_from_checkpoint_file(model)
     else:
         model.to(device)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
+                       new_modules=new_modules)
 
 
 def max_positions(model: nn.Module) -> int | None:

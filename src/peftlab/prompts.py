@@ -70,7 +70,7 @@ def choose_template(requested: str, tokenizer) -> str:
     return requested
 
 
-@dataclass
+@dataclass(frozen=True)
 class Encoded:
     """A tokenized example: ``ids = prompt + response (+ EOS)``; the first ``prompt_len`` ids carry no loss."""
 

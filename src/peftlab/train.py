@@ -28,7 +28,7 @@ from peftlab.models import LoadedModel, load_model, resolve_device
 from peftlab.plan.memory import estimate_for_run
 from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
 from peftlab.summary import format_result_row
-from peftlab.tasks import TASKS, Task
+from peftlab.tasks import Evaluation, Task, get_task
 
 OOM_ADVICE = ("use a smaller --batch-size (raise --grad-accum to keep the global batch), turn on "
               "--gradient-checkpointing, or use --method qlora")
@@ -98,13 +98,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_step
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def prepare_model(cfg: RunConfig, task: Task, method: Method) -> tuple[LoadedModel, nn.Module]:
-    """Load the base model for the task and wrap it with the method."""
+def prepare_model(cfg: RunConfig, task: Task, method: Method,
+                  model_kwargs: dict[str, Any] | None = None) -> tuple[LoadedModel, nn.Module]:
+    """Load the base model for the task (``model_kwargs``: ``task.model_kwargs(raw)``) and wrap it with the method.
+
+    The base model's newly initialised modules (a classification head) are trained and saved with the adapter.
+    """
     method.check_supports(method.task_capability(task.model_kind))
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base, **task.model_kwargs())
+    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base, **(model_kwargs or {}))
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    new_modules = sorted({name.rsplit(".", 1)[0] for name in getattr(loaded.model, "peftlab_new_parameters", [])})
-    model = method.apply(loaded.model, cfg, task.model_kind, new_modules)
+    model = method.apply(loaded.model, cfg, task.model_kind, loaded.new_modules)
     if cfg.gradient_checkpointing and not method.quantizes_base:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method.is_peft and hasattr(model, "enable_input_require_grads"):
@@ -156,12 +159,12 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
     return float(step_loss / counts[0]), float(grad_norm), int(counts[1])
 
 
-def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, accelerator, run: RunDir,
+def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: Method, accelerator, run: RunDir,
                state: LoopState, device: torch.device, eval_timer: Stopwatch,
                resume_from: Path | None = None, resume_state: dict[str, Any] | None = None) -> LoopState:
     """Run optimizer steps until the epochs (or max_steps) are done, checkpointing as configured."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    n = task.num_train_examples()
+    n = task.num_train_examples(data)
     per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.grad_accum, world)
     if per_epoch == 0:
         raise UserError(f"train_subset/dataset: {n} training examples are fewer than one optimizer step "
@@ -192,7 +195,7 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
         perm = epoch_permutation(n, cfg.seed, epoch)
         for step_in_epoch in range(state.step_in_epoch, per_epoch):
             timer.start()
-            micro = [task.train_batch(ix) for ix in step_micro_batches(
+            micro = [task.train_batch(data, ix) for ix in step_micro_batches(
                 perm, step_in_epoch, cfg.batch_size, cfg.grad_accum, world, rank)]
             mean_loss, grad_norm, tokens = optimizer_step(task, model, micro, accelerator, trainable, clip, device)
             state.step += 1
@@ -228,7 +231,7 @@ def train_loop(cfg: RunConfig, task: Task, model: nn.Module, method: Method, acc
             break
         # Epoch end (not the last): evaluate, then checkpoint with the metric for keep_best.
         eval_timer.start()
-        metrics = task.evaluate(accelerator.unwrap_model(model), f"epoch{epoch + 1}")
+        metrics = task.evaluate(data, accelerator.unwrap_model(model), f"epoch{epoch + 1}").metrics
         model.train()
         eval_timer.stop()
         state.epoch_evals.append({"epoch": epoch + 1, "step": state.step, **metrics})
@@ -259,8 +262,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     method = get_method(cfg.method)
-    task = TASKS[cfg.task](cfg)
-    task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
+    task = get_task(cfg.task)(cfg)
+    raw = task.load()  # raw data: missing files, empty data and bad columns fail here, before the model loads
 
     # cpu=True whenever training runs on CPU (also for device "auto" without CUDA): under torchrun this is what
     # makes accelerate join the gloo process group (MULTI_CPU) instead of running each rank alone.
@@ -286,7 +289,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train_and_record(cfg, task, method, accelerator, run, started, resume)
+        return _train_and_record(cfg, task, raw, method, accelerator, run, started, resume)
     except TrainingDiverged as exc:
         run.fail(str(exc), {"step": exc.step})
         raise UserError(f"training stopped: {exc}; lower --lr, check the data, or keep --max-grad-norm on. "
@@ -302,7 +305,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
         raise
 
 
-def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, run: RunDir,
+def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, accelerator, run: RunDir,
                       started: dt.datetime, resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
     from peftlab.models import resolve_device
 
@@ -310,10 +313,10 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
     load_timer = Stopwatch()
     load_timer.start()
     meter.start("load")
-    loaded, model = prepare_model(cfg, task, method)
+    loaded, model = prepare_model(cfg, task, method, task.model_kwargs(raw))
     if accelerator.is_main_process:
         method.before_training_save(model, run.path)  # PiSSA: its initial adapter, to save a plain LoRA at the end
-    task.build(loaded.tokenizer, model)
+    data = task.prepare(raw, loaded.tokenizer, model)
     meter.stop()
     load_timer.stop()
     device = loaded.device
@@ -324,26 +327,29 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
 
     eval_timer = Stopwatch(device)
     state, resumed_from = LoopState(), None
+    before: Evaluation | None = None  # its per-example outputs go into the artifacts (not kept across a resume)
     if resume is not None:
         resumed_from, saved_state = resume
         state = LoopState(**saved_state["loop"])
     elif cfg.eval_before:
         eval_timer.start()
-        state.before = task.evaluate(model, "before")
+        before = task.evaluate(data, model, "before")
+        state.before = before.metrics
         eval_timer.stop()
 
     meter.start("train")
-    state = train_loop(cfg, task, model, method, accelerator, run, state, device, eval_timer,
+    state = train_loop(cfg, task, data, model, method, accelerator, run, state, device, eval_timer,
                        resumed_from, resume[1] if resume else None)
     per_process = train_peaks_per_process(meter.stop(), accelerator, device)
 
     eval_timer.start()
-    after = task.evaluate(accelerator.unwrap_model(model), "after")
+    final = task.evaluate(data, accelerator.unwrap_model(model), "after")
+    after = final.metrics
     eval_timer.stop()
-    sample = task.sample(accelerator.unwrap_model(model))
+    sample = task.sample(data, accelerator.unwrap_model(model), final)
     saved = save_trained(model, loaded, method, run, accelerator)
     if run.is_writer:  # only rank 0 writes files
-        task.write_artifacts(run.path, accelerator.unwrap_model(model))
+        task.write_artifacts(data, run.path, final, before)
 
     train_time = state.train_seconds()
     epoch_fraction = state.step / state.steps_per_epoch
@@ -360,7 +366,7 @@ def _train_and_record(cfg: RunConfig, task: Task, method: Method, accelerator, r
                    "alpha": cfg.method_fields().get("alpha"), "fields": cfg.method_fields(),
                    "target_modules": _adapter_targets(model)},
         "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
-        "data": task.info(),
+        "data": task.info(data),
         "params": params,
         "metrics": {"before": state.before, "after": after, "per_epoch": state.epoch_evals,
                     "final_train_loss": state.history[-1]["loss"] if state.history else None},

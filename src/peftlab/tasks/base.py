@@ -1,13 +1,29 @@
-"""What a task declares: the contract every module in ``peftlab.tasks`` implements.
+"""What a task declares and does: the contract every module in ``peftlab.tasks`` implements.
 
-Reports, summaries and sweeps read these declarations and never compare a task's name. The behaviour (reading data,
-``prepare()`` returning an immutable prepared-data object, loss, evaluation) is documented on the Task class in
-``peftlab.tasks``.
+Reports, summaries and sweeps read the declarations (:class:`MetricSpec`, the Task class attributes) and never
+compare a task's name. A task object holds only its config; each phase returns an immutable value that the next
+phase takes:
+
+    raw = task.load()                               # read and check raw data (before the model loads)
+    loaded = load_model(..., **task.model_kwargs(raw))
+    data = task.prepare(raw, tokenizer, model)      # tokenized, on the model's device: a frozen dataclass
+    task.train_batch(data, indices); task.loss(model, batch)
+    result = task.evaluate(data, model, stage)      # an Evaluation: metrics + per-example outputs
+    task.sample(data, model, result); task.write_artifacts(data, run_dir, result, before); task.info(data)
+
+This module imports neither torch nor the task modules, so declarations can be read cheaply.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # typing only
+    import torch
+    from torch import nn
+
+    from peftlab.data.sources import SplitPlan
 
 
 @dataclass(frozen=True)
@@ -18,6 +34,8 @@ class MetricSpec:
     label: str  # e.g. "Perplexity"
     higher_is_better: bool
     fmt: str = ".4f"  # a format spec for the value, e.g. ".2f"
+    #: Scored on greedy generations (so ``generation_subset`` and ``max_new_tokens`` shape it).
+    generated: bool = False
 
     @property
     def arrow(self) -> str:
@@ -27,12 +45,109 @@ class MetricSpec:
         return "-" if value is None else format(value, self.fmt)
 
 
-# The Task class attributes that go with these (set on every registered task class):
-#   name: str                         registry key ("clm", "classification", "instruction")
-#   model_kind: str                   "causal_lm" | "seq_cls"
-#   order: int                        position of the task's table in reports (the seed's order)
-#   metrics: tuple[MetricSpec, ...]   every metric it reports; metrics[0] is the headline
-#   table_metrics: tuple[str, ...]    keys of the extra columns after the headline, in order
-#   example_unit: str                 "blocks" | "examples" (what train_subset/eval_subset count)
-#   classmethod seq_len(cfg) -> int   tokens per training sequence (block_size or max_length)
-#   classmethod tokens_per_example(cfg) -> int   upper bound of tokens per training example
+@dataclass(frozen=True)
+class RawData:
+    """What ``Task.load()`` returns: the resolved splits and the notes so far. Tasks subclass it (frozen)."""
+
+    splits: SplitPlan
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``Task.evaluate()`` returns: the metrics, and what artifacts and samples need (per-example outputs)."""
+
+    stage: str  # "before", "after", "eval", "epoch<N>"
+    metrics: dict[str, Any]
+    outputs: tuple[Any, ...] = ()  # one per evaluated example, in evaluation order (predictions, generations)
+
+
+class Task:
+    """One task family. Subclasses set the declarations and implement the phases.
+
+    The task holds its config only (``self.cfg``); nothing is set on it across phases. Each phase's data is an
+    immutable object returned by the phase before.
+    """
+
+    # --- declarations (read by reports, summaries, sweeps and the planner) ------------------------------------
+    name: ClassVar[str]  # registry key ("clm", "classification", "instruction")
+    model_kind: ClassVar[str] = "causal_lm"  # "causal_lm" | "seq_cls"
+    order: ClassVar[int]  # position of the task's table in reports (the seed's order)
+    metrics: ClassVar[tuple[MetricSpec, ...]]  # every metric it reports; metrics[0] is the headline
+    table_metrics: ClassVar[tuple[str, ...]] = ()  # keys of the extra columns after the headline, in order
+    example_unit: ClassVar[str] = "examples"  # "blocks" | "examples": what train_subset/eval_subset count
+
+    @classmethod
+    def seq_len(cls, cfg) -> int:
+        """Tokens per training sequence."""
+        return cfg.max_length
+
+    @classmethod
+    def tokens_per_example(cls, cfg) -> int:
+        """Upper bound of tokens per training example."""
+        return cls.seq_len(cfg)
+
+    @classmethod
+    def metric_spec(cls, key: str) -> MetricSpec:
+        """The declared metric with this key."""
+        return next(m for m in cls.metrics if m.key == key)
+
+    @property
+    def metric(self) -> str:
+        """The headline metric's key in ``evaluate()``'s metrics."""
+        return self.metrics[0].key
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metrics[0].higher_is_better
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    # --- phases -------------------------------------------------------------------------------------------
+    def load(self) -> RawData:
+        """Read and validate raw data (no tokenizer yet): bad files and columns fail before the model loads."""
+        raise NotImplementedError
+
+    def model_kwargs(self, raw: RawData) -> dict[str, Any]:
+        """Extra arguments for loading the model (e.g. the label set)."""
+        return {}
+
+    def prepare(self, raw: RawData, tokenizer, model: nn.Module) -> Any:
+        """Tokenize the data for this model; returns the task's frozen prepared-data object."""
+        raise NotImplementedError
+
+    def num_train_examples(self, data) -> int:
+        raise NotImplementedError
+
+    def train_batch(self, data, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The training micro-batch made of these example indices."""
+        raise NotImplementedError
+
+    def loss_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many items (tokens or examples) the loss of this batch sums over."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed (not averaged) loss over the batch's counted items."""
+        raise NotImplementedError
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Real (non-padding) tokens in a batch, for tokens/s."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    def evaluate(self, data, model: nn.Module, stage: str) -> Evaluation:
+        """The task's metrics on the evaluation split (``metrics[0].key`` among them)."""
+        raise NotImplementedError
+
+    def sample(self, data, model: nn.Module, result: Evaluation) -> dict[str, Any]:
+        """A stored example of what the model does (a generation or a prediction)."""
+        return {}
+
+    def write_artifacts(self, data, run_dir, result: Evaluation, before: Evaluation | None = None) -> None:
+        """Task-specific files in the run directory (predictions, reports), from the final evaluation."""
+
+    def info(self, data) -> dict[str, Any]:
+        """Data provenance for results.json: sources, splits, sizes, fingerprints and notes."""
+        return {}

@@ -5,16 +5,27 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from peftlab.data.sources import DataSplit, SplitPlan
+from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum, shifted_label_count
-from peftlab.tasks import Task, register
+from peftlab.tasks import register
+from peftlab.tasks.base import Evaluation, MetricSpec, RawData, Task
+from peftlab.tasks.common import (
+    check_positions,
+    eval_batch_size,
+    eval_mode,
+    model_device,
+    read_splits,
+    require_columns,
+    split_info,
+)
 
 CACHE_FORMAT = "blocks-v1"
 
@@ -67,33 +78,39 @@ def cached_blocks(split: DataSplit, tokenizer, block_size: int, text_column: str
     return np.load(path, mmap_mode="r")
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, batches, chunked: bool = False) -> dict[str, float]:
     """exp(total NLL / total predicted tokens) over every batch (not a mean of per-batch perplexities)."""
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0
-    for batch in batches:
-        nll += float(causal_lm_loss_sum(model, batch, chunked=chunked))
-        count += shifted_label_count(batch["labels"])
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in batches:
+            nll += float(causal_lm_loss_sum(model, batch, chunked=chunked))
+            count += shifted_label_count(batch["labels"])
     if count == 0:
         raise UserError("evaluation split has no predicted tokens; give more evaluation data")
     mean = nll / count
     return {"eval_loss": mean, "perplexity": math.exp(mean), "eval_tokens": count}
 
 
-@torch.no_grad()
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of one prompt."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    with eval_mode(model):
+        enc = tokenizer(prompt, return_tensors="pt").to(model_device(model))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class ClmData:
+    """Prepared causal-LM data: read-only token blocks per split (memory-mapped from the cache)."""
+
+    raw: RawData
+    tokenizer: Any
+    device: torch.device
+    train_blocks: np.ndarray
+    eval_blocks: np.ndarray
+    blocks_total: tuple[int, int]  # blocks in the whole train / eval split, before the subsets
+    notes: tuple[str, ...]
 
 
 @register
@@ -101,47 +118,48 @@ class CausalLMTask(Task):
     """WikiText-style causal LM: blocks of ``block_size`` tokens, labels = inputs (the model shifts them)."""
 
     name = "clm"
-    metric = "perplexity"
-    higher_is_better = False
+    order = 0
+    metrics = (MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f"),)
+    table_metrics = ()
+    example_unit = "blocks"
 
-    def load(self) -> None:
-        self.plan: SplitPlan = self.load_plan()
-        for split in (self.plan.train, self.plan.eval):
-            if split.records and self.cfg.text_column not in split.records[0]:
-                have = ", ".join(map(str, split.records[0].keys()))
-                raise UserError(f"{split.source}: no column {self.cfg.text_column!r}; the columns are {have}. "
-                                "Set --text-column")
+    @classmethod
+    def seq_len(cls, cfg) -> int:
+        return cfg.block_size
 
-    def build(self, tokenizer, model: nn.Module) -> None:
-        from peftlab.models import max_positions
+    def load(self) -> RawData:
+        splits, notes = read_splits(self.cfg)
+        for split in (splits.train, splits.eval):
+            if split.records:
+                require_columns(split, {self.cfg.text_column: "Set --text-column"})
+        return RawData(splits, notes)
 
-        limit = max_positions(model)
-        if limit is not None and self.cfg.block_size > limit:
-            raise UserError(f"block_size {self.cfg.block_size} exceeds the model's maximum positions ({limit}); "
-                            f"use --block-size {limit} or less")
-        self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.train_blocks = self._blocks(self.plan.train, self.cfg.train_subset)
-        self.eval_blocks = self._blocks(self.plan.eval, self.cfg.eval_subset)
+    def prepare(self, raw: RawData, tokenizer, model: nn.Module) -> ClmData:
+        cfg = self.cfg
+        check_positions(model, cfg.block_size, f"block_size {cfg.block_size}",
+                        "use --block-size {limit} or less")
+        train_all = self._blocks(raw.splits.train, tokenizer)
+        eval_all = self._blocks(raw.splits.eval, tokenizer)
+        return ClmData(raw, tokenizer, model_device(model), train_all[:cfg.train_subset or None],
+                       eval_all[:cfg.eval_subset or None], (len(train_all), len(eval_all)), raw.notes)
 
-    def _blocks(self, split: DataSplit, subset: int | None) -> np.ndarray:
-        blocks = cached_blocks(split, self.tokenizer, self.cfg.block_size, self.cfg.text_column)
+    def _blocks(self, split: DataSplit, tokenizer) -> np.ndarray:
+        blocks = cached_blocks(split, tokenizer, self.cfg.block_size, self.cfg.text_column)
         if len(blocks) == 0:
             raise UserError(f"{split.source}: too short for a single block of {self.cfg.block_size} tokens; give "
                             "more text or a smaller --block-size")
-        self.full_sizes = getattr(self, "full_sizes", {})
-        self.full_sizes[split.split] = len(blocks)
-        return blocks[:subset] if subset else blocks
+        return blocks
 
-    def num_train_examples(self) -> int:
-        return len(self.train_blocks)
+    def num_train_examples(self, data: ClmData) -> int:
+        return len(data.train_blocks)
 
-    def _batch(self, blocks: np.ndarray, indices) -> dict[str, torch.Tensor]:
-        ids = torch.from_numpy(np.ascontiguousarray(blocks[np.asarray(indices)])).to(self.device)
+    @staticmethod
+    def _batch(data: ClmData, blocks: np.ndarray, indices) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.ascontiguousarray(blocks[np.asarray(indices)])).to(data.device)
         return {"input_ids": ids, "labels": ids}
 
-    def train_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self._batch(self.train_blocks, indices)
+    def train_batch(self, data: ClmData, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self._batch(data, data.train_blocks, indices)
 
     def loss_count(self, batch: dict[str, torch.Tensor]) -> int:
         return shifted_label_count(batch["labels"])
@@ -149,27 +167,24 @@ class CausalLMTask(Task):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss_sum(model, batch, chunked=self.cfg.chunked_ce)
 
-    def eval_batches(self):
-        size = self.cfg.eval_batch_size or self.cfg.batch_size
-        for start in range(0, len(self.eval_blocks), size):
-            yield self._batch(self.eval_blocks, range(start, min(start + size, len(self.eval_blocks))))
+    def eval_batches(self, data: ClmData):
+        size = eval_batch_size(self.cfg)
+        n = len(data.eval_blocks)
+        for start in range(0, n, size):
+            yield self._batch(data, data.eval_blocks, range(start, min(start + size, n)))
 
-    def evaluate(self, model: nn.Module, stage: str) -> dict[str, float]:
-        return perplexity(model, self.eval_batches(), chunked=self.cfg.chunked_ce)
+    def evaluate(self, data: ClmData, model: nn.Module, stage: str) -> Evaluation:
+        return Evaluation(stage, perplexity(model, self.eval_batches(data), chunked=self.cfg.chunked_ce))
 
-    def sample(self, model: nn.Module) -> dict[str, Any]:
-        text = generate_text(model, self.tokenizer, self.cfg.sample_prompt, self.cfg.max_new_tokens)
+    def sample(self, data: ClmData, model: nn.Module, result: Evaluation) -> dict[str, Any]:
+        text = generate_text(model, data.tokenizer, self.cfg.sample_prompt, self.cfg.max_new_tokens)
         return {"prompt": self.cfg.sample_prompt, "generation": text}
 
-    def info(self) -> dict[str, Any]:
+    def info(self, data: ClmData) -> dict[str, Any]:
+        splits = data.raw.splits
         return {
-            "train": {"source": self.plan.train.source, "split": self.plan.train.split,
-                      "fingerprint": self.plan.train.fingerprint, "blocks_used": len(self.train_blocks),
-                      "blocks_total": self.full_sizes.get(self.plan.train.split)},
-            "eval": {"source": self.plan.eval.source, "split": self.plan.eval.split,
-                     "fingerprint": self.plan.eval.fingerprint, "blocks_used": len(self.eval_blocks),
-                     "blocks_total": self.full_sizes.get(self.plan.eval.split)},
+            "train": split_info(splits.train, "blocks", len(data.train_blocks), data.blocks_total[0]),
+            "eval": split_info(splits.eval, "blocks", len(data.eval_blocks), data.blocks_total[1]),
             "block_size": self.cfg.block_size,
-            "notes": self.notes,
+            "notes": list(data.notes),
         }
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.data.sources import DataSplit, SplitPlan
+from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.losses import (
     IGNORE_INDEX,
@@ -37,8 +38,20 @@ from peftlab.prompts import (
     packed_batch,
     pad_batch,
 )
-from peftlab.tasks import Task, register
-from peftlab.tasks.classification import row_name
+from peftlab.tasks import register
+from peftlab.tasks.base import Evaluation, MetricSpec, RawData, Task
+from peftlab.tasks.common import (
+    check_positions,
+    columns_of,
+    eval_batch_size,
+    eval_mode,
+    model_device,
+    progress,
+    read_splits,
+    require_columns,
+    row_name,
+    split_info,
+)
 
 ROLES = ("system", "user", "assistant")
 
@@ -97,20 +110,18 @@ def parse_chat(record: dict[str, Any], split: DataSplit, index: int) -> Example:
 def parse_split(split: DataSplit) -> tuple[list[Example], int]:
     """Examples of a split, Alpaca-style (instruction/input/output) or chat-style (messages); and how many
     records were skipped for a blank output."""
-    have = list(split.records[0].keys()) if split.records else []
+    have = columns_of(split)
     if "messages" in have:
         return [parse_chat(r, split, i) for i, r in enumerate(split.records)], 0
     if "instruction" in have:
-        if "output" not in have:
-            raise UserError(f"{split.source}: no column 'output'; the columns are {', '.join(map(str, have))}. "
-                            "Alpaca records need instruction, optional input, and output")
+        require_columns(split, {"output": "Alpaca records need instruction, optional input, and output"})
         parsed = [parse_alpaca(r, split, i) for i, r in enumerate(split.records)]
         examples = [e for e in parsed if e is not None]
         if not examples:
             raise UserError(f"{split.source}: every 'output' is blank; there is nothing to learn")
         return examples, len(parsed) - len(examples)
     raise UserError(f"{split.source}: no 'instruction' (Alpaca) or 'messages' (chat) column; the columns are "
-                    f"{', '.join(map(str, have))}")
+                    f"{', '.join(have)}")
 
 
 def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
@@ -133,75 +144,113 @@ def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked:
                            reduction="sum")
 
 
+@dataclass(frozen=True)
+class InstructionRaw(RawData):
+    """Parsed instruction examples of both splits (subsets applied)."""
+
+    train_examples: tuple[Example, ...]
+    eval_examples: tuple[Example, ...]
+
+
+@dataclass(frozen=True)
+class EncodeCounts:
+    """What tokenizing one split kept, truncated and dropped."""
+
+    examples: int
+    truncated_responses: int
+    dropped_prompt_too_long: int
+
+
+@dataclass(frozen=True)
+class InstructionData:
+    """Prepared instruction data: encoded examples, the packed rows (if packing), and the prompt encoder."""
+
+    raw: InstructionRaw
+    tokenizer: Any
+    device: torch.device
+    template: str
+    encoder: PromptEncoder
+    pad_id: int
+    train_enc: tuple[Encoded, ...]
+    eval_enc: tuple[Encoded, ...]
+    generation_enc: tuple[Encoded, ...]
+    rows: tuple[tuple[int, ...], ...] | None  # packed rows of train_enc indices, None without packing
+    counts: tuple[tuple[str, EncodeCounts], ...]  # role -> counts
+    notes: tuple[str, ...]
+
+
 @register
 class InstructionTask(Task):
     """Supervised instruction tuning with response-only loss; ROUGE-L headline, perplexity, BLEU, exact match."""
 
     name = "instruction"
-    metric = "rougeL"
-    higher_is_better = True
+    order = 2
+    metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True),
+               MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),
+               MetricSpec("exact_match", "Exact match", higher_is_better=True, generated=True),
+               MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f"))
+    table_metrics = ("perplexity", "bleu", "exact_match")
+    example_unit = "examples"
 
     # --- raw data -------------------------------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self) -> InstructionRaw:
         cfg = self.cfg
-        self.plan: SplitPlan = self.load_plan()
+        splits, notes = read_splits(cfg)
+        notes = list(notes)
         examples = {}
-        for role, split, subset in (("train", self.plan.train, cfg.train_subset),
-                                    ("eval", self.plan.eval, cfg.eval_subset)):
+        for role, split, subset in (("train", splits.train, cfg.train_subset),
+                                    ("eval", splits.eval, cfg.eval_subset)):
             parsed, blank = parse_split(split)
             if blank:
-                self.notes.append(f"{role}: skipped {blank} records of {split.source} whose 'output' is blank")
-            examples[role] = parsed[: subset or None]
-        self.train_examples, self.eval_examples = examples["train"], examples["eval"]
+                notes.append(f"{role}: skipped {blank} records of {split.source} whose 'output' is blank")
+            examples[role] = tuple(parsed[: subset or None])
+        return InstructionRaw(splits, tuple(notes), examples["train"], examples["eval"])
 
     # --- tokenized data -------------------------------------------------------------------------------------
-    def build(self, tokenizer, model: nn.Module) -> None:
-        from peftlab.models import max_positions
-
+    def prepare(self, raw: InstructionRaw, tokenizer, model: nn.Module) -> InstructionData:
         cfg = self.cfg
-        limit = max_positions(model)
-        if limit is not None and cfg.max_length + cfg.max_new_tokens > limit:
-            raise UserError(f"max_length {cfg.max_length} + max_new_tokens {cfg.max_new_tokens} exceeds the "
-                            f"model's maximum positions ({limit}); lower --max-length or max_new_tokens")
+        check_positions(model, cfg.max_length + cfg.max_new_tokens,
+                        f"max_length {cfg.max_length} + max_new_tokens {cfg.max_new_tokens}",
+                        "lower --max-length or max_new_tokens")
         if cfg.packing:
             get_method(cfg.method).check_supports("packing")
-        self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
-        self.template = choose_template(cfg.prompt_template, tokenizer)
-        self.encoder = PromptEncoder(tokenizer, self.template, cfg.max_length)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        self.counts: dict[str, dict[str, int]] = {}
-        self.train_enc = self._encode(self.train_examples, "train")
-        self.eval_enc = self._encode(self.eval_examples, "eval")
-        self.generation_enc = self.eval_enc[: cfg.generation_subset or None]
-        self.rows = pack_rows([len(e.ids) for e in self.train_enc], cfg.max_length) if cfg.packing else None
-        self.predictions: dict[str, list[str]] = {}
+        template = choose_template(cfg.prompt_template, tokenizer)
+        encoder = PromptEncoder(tokenizer, template, cfg.max_length)
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        notes = list(raw.notes)
+        train_enc, train_counts = self._encode(encoder, raw.train_examples, "train", notes)
+        eval_enc, eval_counts = self._encode(encoder, raw.eval_examples, "eval", notes)
+        rows = (tuple(tuple(r) for r in pack_rows([len(e.ids) for e in train_enc], cfg.max_length))
+                if cfg.packing else None)
+        return InstructionData(raw, tokenizer, model_device(model), template, encoder, pad_id, train_enc, eval_enc,
+                               eval_enc[: cfg.generation_subset or None], rows,
+                               (("train", train_counts), ("eval", eval_counts)), tuple(notes))
 
-    def _encode(self, examples: list[Example], role: str) -> list[Encoded]:
-        encoded = [self.encoder.encode(e) for e in examples]
-        kept = [e for e in encoded if e is not None]
+    def _encode(self, encoder: PromptEncoder, examples: tuple[Example, ...], role: str,
+                notes: list[str]) -> tuple[tuple[Encoded, ...], EncodeCounts]:
+        """Encoded examples of one split and their counts; appends the notes on truncated and dropped ones."""
+        encoded = [encoder.encode(e) for e in examples]
+        kept = tuple(e for e in encoded if e is not None)
         dropped = len(encoded) - len(kept)
         truncated = sum(e.truncated for e in kept)
-        self.counts[role] = {"examples": len(kept), "truncated_responses": truncated,
-                             "dropped_prompt_too_long": dropped}
         if truncated:
-            self.notes.append(f"{role}: {truncated} responses truncated to fit max_length {self.cfg.max_length}")
+            notes.append(f"{role}: {truncated} responses truncated to fit max_length {self.cfg.max_length}")
         if dropped:
-            self.notes.append(f"{role}: {dropped} examples dropped: the prompt alone fills max_length "
-                              f"{self.cfg.max_length}")
+            notes.append(f"{role}: {dropped} examples dropped: the prompt alone fills max_length "
+                         f"{self.cfg.max_length}")
         if not kept:
             raise UserError(f"{role} split: every prompt is longer than max_length {self.cfg.max_length}; raise "
                             "--max-length")
-        return kept
+        return kept, EncodeCounts(len(kept), truncated, dropped)
 
-    def num_train_examples(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.train_enc)
+    def num_train_examples(self, data: InstructionData) -> int:
+        return len(data.rows) if data.rows is not None else len(data.train_enc)
 
-    def train_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        if self.rows is not None:
-            return packed_batch([[self.train_enc[j] for j in self.rows[i]] for i in indices], self.pad_id,
-                                self.device)
-        return pad_batch([self.train_enc[i] for i in indices], self.pad_id, self.device)
+    def train_batch(self, data: InstructionData, indices: list[int]) -> dict[str, torch.Tensor]:
+        if data.rows is not None:
+            return packed_batch([[data.train_enc[j] for j in data.rows[i]] for i in indices], data.pad_id,
+                                data.device)
+        return pad_batch([data.train_enc[i] for i in indices], data.pad_id, data.device)
 
     # --- loss -----------------------------------------------------------------------------------------------
     def loss_count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -216,97 +265,74 @@ class InstructionTask(Task):
         return super().tokens_in(batch)
 
     # --- evaluation -----------------------------------------------------------------------------------------
-    def _eval_size(self) -> int:
-        return self.cfg.eval_batch_size or self.cfg.batch_size
-
-    @torch.no_grad()
-    def response_perplexity(self, model: nn.Module) -> dict[str, float]:
+    def response_perplexity(self, data: InstructionData, model: nn.Module) -> dict[str, float]:
         """exp(mean NLL over every response token of the evaluation examples), EOS included."""
         nll, count = 0.0, 0
-        size = self._eval_size()
-        for start in range(0, len(self.eval_enc), size):
-            batch = pad_batch(self.eval_enc[start:start + size], self.pad_id, self.device)
-            nll += float(response_loss_sum(model, batch, chunked=self.cfg.chunked_ce))
-            count += shifted_label_count(batch["labels"])
+        size = eval_batch_size(self.cfg)
+        with eval_mode(model):
+            for start in range(0, len(data.eval_enc), size):
+                batch = pad_batch(list(data.eval_enc[start:start + size]), data.pad_id, data.device)
+                nll += float(response_loss_sum(model, batch, chunked=self.cfg.chunked_ce))
+                count += shifted_label_count(batch["labels"])
         mean = nll / count
         return {"eval_loss": mean, "perplexity": math.exp(mean), "eval_tokens": count}
 
-    @torch.no_grad()
-    def generate(self, model: nn.Module, items: list[Encoded]) -> list[str]:
+    def generate(self, data: InstructionData, model: nn.Module, items, desc: str = "generate") -> list[str]:
         """Greedy, batched (left-padded, longest prompts first) generations, in the order of ``items``."""
         gen_cfg = getattr(model, "generation_config", None)
-        eos = {self.encoder.eos_id}
+        eos = {data.encoder.eos_id}
         extra = getattr(gen_cfg, "eos_token_id", None)
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         order = sorted(range(len(items)), key=lambda i: -items[i].prompt_len)
         out: list[str] = [""] * len(items)
-        size = self._eval_size()
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            enc = left_pad([items[i].ids[:items[i].prompt_len] for i in chunk], self.pad_id, self.device)
-            generated = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                       num_beams=1, pad_token_id=self.pad_id, eos_token_id=sorted(eos))
-            new = generated[:, enc["input_ids"].shape[1]:]
-            for j, i in enumerate(chunk):
-                out[i] = self.tokenizer.decode(new[j], skip_special_tokens=True).strip()
+        size = eval_batch_size(self.cfg)
+        with eval_mode(model), progress(len(items), desc, "example") as bar:
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
+                enc = left_pad([items[i].ids[:items[i].prompt_len] for i in chunk], data.pad_id, data.device)
+                generated = model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                           num_beams=1, pad_token_id=data.pad_id, eos_token_id=sorted(eos))
+                new = generated[:, enc["input_ids"].shape[1]:]
+                for j, i in enumerate(chunk):
+                    out[i] = data.tokenizer.decode(new[j], skip_special_tokens=True).strip()
+                bar.update(len(chunk))
         return out
 
-    def evaluate(self, model: nn.Module, stage: str) -> dict[str, float]:
+    def evaluate(self, data: InstructionData, model: nn.Module, stage: str) -> Evaluation:
         from peftlab.metrics import generation_metrics
 
-        was_training = model.training
-        model.eval()
-        try:
-            metrics = self.response_perplexity(model)
-            generations = self.generate(model, self.generation_enc)
-        finally:
-            model.train(was_training)
-        self.predictions[stage] = generations
-        references = [e.reference for e in self.generation_enc]
-        return {**generation_metrics(generations, references), **metrics,
-                "generated_examples": len(generations), "max_new_tokens": self.cfg.max_new_tokens}
+        metrics = self.response_perplexity(data, model)
+        generations = self.generate(data, model, data.generation_enc, f"generate ({stage})")
+        references = [e.reference for e in data.generation_enc]
+        return Evaluation(stage, {**generation_metrics(generations, references), **metrics,
+                                  "generated_examples": len(generations), "max_new_tokens": self.cfg.max_new_tokens},
+                          tuple(generations))
 
-    def _latest(self) -> str | None:
-        return next((s for s in ("after", "eval", "before") if s in getattr(self, "predictions", {})), None)
+    def sample(self, data: InstructionData, model: nn.Module, result: Evaluation) -> dict[str, Any]:
+        first = data.generation_enc[0]
+        return {"prompt": first.prompt, "reference": first.reference, "generation": result.outputs[0]}
 
-    def sample(self, model: nn.Module) -> dict[str, Any]:
-        stage = self._latest()
-        if stage is None:
-            return {}
-        first = self.generation_enc[0]
-        return {"prompt": first.prompt, "reference": first.reference, "generation": self.predictions[stage][0]}
-
-    def write_artifacts(self, run_dir, model: nn.Module) -> None:
+    def write_artifacts(self, data: InstructionData, run_dir, result: Evaluation,
+                        before: Evaluation | None = None) -> None:
         """predictions.jsonl: prompt, reference, generation (and the base model's, when evaluated before)."""
-        stage = self._latest()
-        if stage is None:
-            return
-        before = self.predictions.get("before") if stage != "before" else None
         with open(Path(run_dir) / "predictions.jsonl", "w", encoding="utf-8") as fh:
-            for i, e in enumerate(self.generation_enc):
-                row = {"index": i, "prompt": e.prompt, "reference": e.reference,
-                       "generation": self.predictions[stage][i]}
+            for i, e in enumerate(data.generation_enc):
+                row = {"index": i, "prompt": e.prompt, "reference": e.reference, "generation": result.outputs[i]}
                 if before is not None:
-                    row["base_generation"] = before[i]
+                    row["base_generation"] = before.outputs[i]
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    def info(self) -> dict[str, Any]:
-        counts = getattr(self, "counts", {})
+    def info(self, data: InstructionData) -> dict[str, Any]:
+        splits, counts = data.raw.splits, dict(data.counts)
         return {
-            "train": {"source": self.plan.train.source, "split": self.plan.train.split,
-                      "fingerprint": self.plan.train.fingerprint,
-                      "examples_used": counts.get("train", {}).get("examples", len(self.train_examples)),
-                      "examples_total": len(self.plan.train.records)},
-            "eval": {"source": self.plan.eval.source, "split": self.plan.eval.split,
-                     "fingerprint": self.plan.eval.fingerprint,
-                     "examples_used": counts.get("eval", {}).get("examples", len(self.eval_examples)),
-                     "examples_total": len(self.plan.eval.records)},
-            "prompt_template": getattr(self, "template", self.cfg.prompt_template),
+            "train": split_info(splits.train, "examples", counts["train"].examples, len(splits.train.records)),
+            "eval": split_info(splits.eval, "examples", counts["eval"].examples, len(splits.eval.records)),
+            "prompt_template": data.template,
             "packing": self.cfg.packing,
-            "packed_rows": len(self.rows) if getattr(self, "rows", None) is not None else None,
+            "packed_rows": len(data.rows) if data.rows is not None else None,
             "max_length": self.cfg.max_length,
-            "generation_examples": len(getattr(self, "generation_enc", [])),
+            "generation_examples": len(data.generation_enc),
             "max_new_tokens": self.cfg.max_new_tokens,
-            "truncation": counts,
-            "notes": self.notes,
+            "truncation": {role: asdict(c) for role, c in data.counts},
+            "notes": list(data.notes),
         }
