@@ -4,6 +4,8 @@ it plans or says why not; its traits are complete; the loop calls its hooks."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import ClassVar
 
 import pytest
@@ -131,3 +133,25 @@ def test_readme_methods_table_matches_the_registry():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert readme_section() in readme, "stale README table: run python -m peftlab.methods.table --write README.md"
+
+
+def test_packing_refusal_comes_from_the_methods_traits(tmp_path):
+    from peftlab.errors import UserError
+
+    cannot = [n for n in method_names() if not get_method(n).supports("packing")]
+    assert "prefix" in cannot
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}"})
+                              for i in range(8)), encoding="utf-8")
+    for name in cannot:
+        overrides = tiny_overrides(tmp_path / name, method=name, task="instruction", packing=True,
+                                   dataset=str(data), eval_dataset=str(data), **TWO_STEPS)
+        with pytest.raises(UserError, match=re.escape(f"method '{name}' {get_method(name).unsupported['packing']}")):
+            train.run_training(load_config(None, overrides))
+
+
+def test_run_names_show_what_the_method_adds():
+    from peftlab.record import default_run_name
+
+    assert "-lora-r4a32-" in default_run_name(load_config(None, {"model": "tiny-llama", "r": 4, "alpha": 32}))
+    assert "-full-2" in default_run_name(load_config(None, {"model": "tiny-llama", "method": "full"}))

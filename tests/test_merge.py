@@ -112,3 +112,14 @@ def test_output_dir_with_other_content_is_refused(tmp_path):
     proc = _merge_cli("--adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "out"), "--overwrite")
     assert proc.returncode == 2 and "other than a model" in proc.stderr
     assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+
+
+def test_a_prefix_runs_refusal_comes_from_its_method(tmp_path):
+    from peftlab.errors import UserError
+    from peftlab.methods import get_method
+
+    results = run_training(load_config(None, tiny_overrides(tmp_path, method="prefix", max_steps=1, **FAST)))
+    with pytest.raises(UserError) as err:
+        run_merge(str(Path(results["run_dir"]) / "adapter"), str(tmp_path / "out"))
+    assert get_method("prefix").unsupported["merge"] in str(err.value) and "PREFIX_TUNING" in str(err.value)
+    assert not (tmp_path / "out").exists()

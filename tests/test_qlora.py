@@ -102,3 +102,15 @@ def test_adapter_loads_onto_4bit_and_full_precision_bases(qlora_run):
     assert on_full["eval_loss"] == pytest.approx(on_4bit["eval_loss"], abs=0.02)
     # and the adapter is really applied on the full-precision base (it moved the loss well beyond that)
     assert base_only["eval_loss"] - on_full["eval_loss"] > 0.05
+
+
+def test_a_lora_adapter_evaluates_on_a_4bit_base(tmp_path):
+    # the 4-bit settings come from the quantizing method's field defaults (a LoRA run has no quant_type)
+    results = run_training(load_config(None, tiny_overrides(tmp_path, max_steps=1, train_subset=4, eval_subset=2,
+                                                            grad_accum=1, eval_before=False, max_new_tokens=2)))
+    adapter = str(Path(results["run_dir"]) / "adapter")
+    on_4bit = run_eval({}, adapter, base_precision="4bit")["metrics"]
+    on_full = run_eval({}, adapter, base_precision="auto")["metrics"]
+    assert on_full["eval_loss"] == pytest.approx(results["metrics"]["after"]["eval_loss"], rel=1e-6)
+    assert on_4bit["eval_loss"] != on_full["eval_loss"]
+    assert on_4bit["eval_loss"] == pytest.approx(on_full["eval_loss"], abs=0.1)

@@ -120,7 +120,7 @@ def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float]
     for config, wall in finished:
         if config.get("model") != dumped["model"] or config.get("task") != dumped["task"]:
             continue
-        score = sum(config.get(k) == dumped[k] for k in SIMILARITY_FIELDS)
+        score = sum(config.get(k) == dumped.get(k) for k in SIMILARITY_FIELDS)  # method fields may be absent
         if score > best:
             best, times = score, [wall]
         elif score == best:
