@@ -159,3 +159,14 @@ def check_traits(method, display_name: str, forbidden_field: str, bad_values: di
             method.fields(**{name: value})
     if method.not_planned is not None:
         assert "\n" not in method.not_planned
+
+
+def loop_loss_works(method, **values: Any) -> bool:
+    """peftlab's own loss (plain and chunked) on the applied model agree; False if it raises a shape mismatch."""
+    from peftlab.losses import causal_lm_loss_sum
+
+    model = method.apply(tiny_base(), StandInCfg(method, **values), "causal_lm", [])
+    batch = fixed_batch(model.config.vocab_size)
+    batch["labels"] = batch["input_ids"]
+    plain, chunked = causal_lm_loss_sum(model, batch), causal_lm_loss_sum(model, batch, chunked=True)
+    return bool(torch.allclose(plain, chunked, rtol=1e-4))

@@ -30,7 +30,8 @@ class AdaloraFields(TargetFields):
     deltaT: int = Field(1, ge=1, description="Steps between two budget allocations.")  # noqa: N815 (peft's name)
     beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance sensitivity.")
     beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the importance uncertainty.")
-    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser in the loss.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser (peft adds it "
+                                   "to the loss the model computes from labels).")
 
     @model_validator(mode="after")
     def _ranks(self) -> AdaloraFields:
