@@ -26,9 +26,6 @@ def test_p_tuning_traits_and_fields():
         P_TUNING.check_supports("packing")
 
 
-# Prompt learning prepends its virtual positions to the model's outputs; peftlab's loss must read the last
-# labels.size(1) positions (peftlab.losses.causal_lm_loss_sum and its chunked form) for the loop to train this.
-@pytest.mark.xfail(strict=True, raises=(ValueError, RuntimeError),
-                   reason="peftlab.losses does not yet drop the virtual positions prepended by prompt learning")
+# Prompt learning prepends its virtual positions to the outputs; the loop's loss reads only the real ones.
 def test_p_tuning_works_with_the_loops_loss():
     assert loop_loss_works(P_TUNING, num_virtual_tokens=4)

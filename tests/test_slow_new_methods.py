@@ -22,7 +22,6 @@ pytestmark = [
 @pytest.mark.parametrize("method", list(LEARNING_RATES))
 def test_smollm2_new_method_perplexity_falls(method, tmp_path, data_dir):
     from peftlab.configure import load_config
-
     from peftlab.train import run_training
 
     cfg = load_config(None, {"model": "smollm2-135m", "method": method, "train_subset": 32, "eval_subset": 8,
