@@ -248,7 +248,9 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    seq_len = cfg.block_size if cfg.task == "clm" else cfg.max_length
+    from peftlab.tasks import get_task
+
+    seq_len = get_task(cfg.task).seq_len(cfg)
     fields = cfg.method_fields()
     return PlanInput(method=cfg.method, fields=fields, user_set=tuple(k for k in fields if cfg.is_set(k)),
                      batch_size=cfg.batch_size, seq_len=seq_len, grad_accum=cfg.grad_accum, optimizer=optimizer,
