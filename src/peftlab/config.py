@@ -111,6 +111,34 @@ class RunConfig(BaseModel):
     max_rss_gb: float | None = Field(None, gt=0, description="CPU: stop with advice before RSS exceeds this.")
     sample_prompt: str = Field("The history of the city", description="Prompt for the stored sample generation.")
 
+    # --- ecosystem: trackers and data files ---
+    report_to: list[str] = Field(["none"], description="Experiment trackers: none | tensorboard | mlflow | wandb | "
+                                 "trackio | all, or a comma list (pip install 'peftlab[tracking]').")
+    tracking_dir: str | None = Field(None, description="Trackers' local log folder (default: <run dir>/tracking).")
+    tracking_project: str | None = Field(None, description="Tracker experiment/project (default: peftlab; a sweep "
+                                         "sets its own name).")
+    header: bool = Field(True, description="CSV/TSV: the first row names the columns; false: columns are named "
+                         "by 0-based index (--text-column 2 --label-column 0).")
+    encoding: str = Field("utf-8", description="Text encoding of local data files (any Python codec, e.g. latin-1).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_trackers(cls, value: Any) -> Any:
+        from peftlab.tracking import parse_report_to
+
+        return parse_report_to(value)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"{value!r} is not a Python codec; use e.g. latin-1, cp1252 or utf-16") from None
+        return value
+
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
