@@ -43,6 +43,9 @@ COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--dtype", "dtype", str, "auto | float32 | bfloat16 | float16"),
     ("--save-every", "save_every", int, "checkpoint every N optimizer steps"),
     ("--max-grad-norm", "max_grad_norm", float, "gradient clipping norm (default 1.0)"),
+    # --- ecosystem: trackers ---
+    ("--report-to", "report_to", str, "experiment trackers: none | tensorboard | mlflow | wandb | trackio | all, "
+     "or a comma list (pip install 'peftlab[tracking]')"),
 ]
 FLAGS = [("--overwrite", "overwrite", "replace a finished run in --output-dir"),
          ("--trust-remote-code", "trust_remote_code", "run model code from the hub (off by default)"),

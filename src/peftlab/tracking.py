@@ -138,6 +138,9 @@ def _factory(name: str, folder: Path, project: str, run_name: str):
         import mlflow as mlf
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # The local default is mlflow's file store (mlflow-skinny has no SQL store); mlflow 3 refuses it unless
+            # opted in. A server or sqlite URI in MLFLOW_TRACKING_URI is used as is.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlf.set_tracking_uri((folder / "mlruns").resolve().as_uri())
         return acc.MLflowTracker(experiment_name=project, run_name=run_name)
 
