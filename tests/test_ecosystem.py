@@ -184,7 +184,7 @@ def test_latin1_file_trains_with_encoding_and_the_utf8_error_names_the_option(tm
     data = _headerless(tmp_path / "latin.csv", encoding="latin-1")
     line = error_line(capsys, _cls_argv(tmp_path, data, "--set", "header=false", "--text-column", "2",
                                         "--label-column", "0"))
-    assert "not valid utf-8" in line and "--set encoding=" in line
+    assert "not valid UTF-8" in line and "--set encoding=" in line
     assert not (tmp_path / "run" / "results.json").exists()
     assert main(_cls_argv(tmp_path, data, "--set", "header=false", "--set", "encoding=latin-1", "--text-column",
                           "2", "--label-column", "0")) == 0

@@ -39,11 +39,12 @@ def check_encoding(encoding: str) -> str:
 
 def _read_text(path: Path, encoding: str = "utf-8") -> str:
     raw = path.read_bytes()
+    codec = check_encoding(encoding)
     try:
-        text = raw.decode(check_encoding(encoding))
+        text = raw.decode(codec)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}: not valid {encoding} (byte {exc.start}, line {line}); pass the file's encoding "
+        raise UserError(f"{path}: not valid {'UTF-8' if codec == 'utf-8' else encoding} (byte {exc.start}, line {line}); pass the file's encoding "
                         "with --set encoding=NAME (e.g. --set encoding=latin-1), or re-save the file as UTF-8") \
             from None
     if not text.strip():
