@@ -44,7 +44,8 @@ def _read_text(path: Path, encoding: str = "utf-8") -> str:
         text = raw.decode(codec)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}: not valid {'UTF-8' if codec == 'utf-8' else encoding} (byte {exc.start}, line {line}); pass the file's encoding "
+        shown = "UTF-8" if codec == "utf-8" else encoding
+        raise UserError(f"{path}: not valid {shown} (byte {exc.start}, line {line}); pass the file's encoding "
                         "with --set encoding=NAME (e.g. --set encoding=latin-1), or re-save the file as UTF-8") \
             from None
     if not text.strip():
