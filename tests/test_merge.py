@@ -45,6 +45,8 @@ def test_merged_model_matches_base_plus_adapter(trained_adapter, tmp_path):
     report = run_merge(str(adapter), str(out))
     assert report["merged_vs_adapter"]["max_rel_diff"] <= 1e-4
     assert json.loads((out / "merge_info.json").read_text())["merged_vs_adapter"] == report["merged_vs_adapter"]
+    card = (out / "README.md").read_text()  # the merged folder's model card
+    assert card.startswith("---\nlibrary_name: transformers") and "peftlab merge" in card and "merge" in card
 
     # Independently: reload the saved folder as a plain model and compare with a fresh base + adapter.
     from transformers import AutoModelForCausalLM

@@ -44,6 +44,7 @@ COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--dtype", "dtype", str),
     ("--save-every", "save_every", int),
     ("--max-grad-norm", "max_grad_norm", float),
+    ("--report-to", "report_to", str),
 ]
 FLAGS = [("--overwrite", "overwrite"), ("--trust-remote-code", "trust_remote_code"), ("--allow-pickle", "allow_pickle"),
          ("--gradient-checkpointing", "gradient_checkpointing")]

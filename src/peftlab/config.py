@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from peftlab.errors import UserError
 
@@ -106,6 +106,35 @@ class RunConfig(BaseModel):
 
     #: The method fields the user gave (the extras hold defaults too), set by :func:`peftlab.configure.build_config`.
     _user_set: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    # --- ecosystem: trackers and data files ---
+    report_to: list[str] = Field(["none"], description="Experiment trackers: none | tensorboard | mlflow | wandb | "
+                                 "trackio | all, or a comma list (pip install 'peftlab[tracking]').")
+    tracking_dir: str | None = Field(None, description="Trackers' local log folder (default: <run dir>/tracking).")
+    tracking_project: str | None = Field(None, description="Tracker experiment/project (default: peftlab; a sweep "
+                                         "sets its own name).")
+    header: bool = Field(True, description="CSV/TSV: the first row names the columns; false: columns are named "
+                         "by 0-based index (--text-column 2 --label-column 0).")
+    encoding: str = Field("utf-8", description="Text encoding of local data files (any Python codec, e.g. latin-1).")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_trackers(cls, value: Any) -> Any:
+        from peftlab.tracking import parse_report_to
+
+        return parse_report_to(value)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"{value!r} is not a Python codec; use e.g. latin-1, cp1252 or utf-16") from None
+        return value
+
 
     def method_fields(self) -> dict[str, Any]:
         """The chosen method's field values (defaults filled): the config's extra fields."""

@@ -125,7 +125,21 @@ def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = 
     merged.save_pretrained(out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out)
     (out / "merge_info.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _write_merged_card(path, out, report)  # --- ecosystem: model card
     return report
+
+
+def _write_merged_card(adapter: Path, out: Path, report: dict[str, Any]) -> None:
+    """The merged folder's model card: the adapter run's record plus the merge comparison."""
+    from peftlab.model_card import results_for_adapter, write_card
+
+    results = results_for_adapter(adapter) or {"model": {"name": report["base_model"], "source": report["source"]},
+                                               "method": {"name": report["method"]}}
+    diff = report["merged_vs_adapter"]
+    write_card(out, results, title=f"{out.name} (merged)", library="transformers", extra_tags=("merge",),
+               extra=[f"Merged from the adapter `{adapter.name}` with `peftlab merge`; merged vs base + adapter on "
+                      f"a fixed {report['check_batch'][0]}x{report['check_batch'][1]} batch: max abs logit diff "
+                      f"{diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}).", ""])
 
 
 def format_report(report: dict[str, Any]) -> str:

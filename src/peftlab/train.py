@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftlab import model_card, tracking
 from peftlab.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
@@ -217,6 +218,7 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
                        "tokens_per_s": state.tokens / seconds if seconds > 0 else None, "train_time_s": seconds}
                 state.history.append(row)
                 run.log_metrics(row)
+                tracking.log_step(accelerator, row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}",
                                 tok_s=f"{row['tokens_per_s'] or 0:.0f}")
             bar.update(1)
@@ -236,6 +238,7 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
         eval_timer.stop()
         state.epoch_evals.append({"epoch": epoch + 1, "step": state.step, **metrics})
         run.log_metrics({"step": state.step, "epoch": epoch + 1, "eval": metrics})
+        tracking.log_eval(accelerator, metrics, state.step)
         checkpoint({"metric": task.metric, "value": metrics.get(task.metric),
                     "higher_is_better": task.higher_is_better} if cfg.keep_best else None)
     bar.close()
@@ -289,6 +292,7 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        tracking.start(accelerator, cfg, run.path)  # --report-to: a missing package fails here, before the model
         return _train_and_record(cfg, task, raw, method, accelerator, run, started, resume)
     except TrainingDiverged as exc:
         run.fail(str(exc), {"step": exc.step})
@@ -303,6 +307,8 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     except BaseException as exc:
         run.fail(f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        tracking.finish(accelerator)
 
 
 def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, accelerator, run: RunDir,
@@ -336,6 +342,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         before = task.evaluate(data, model, "before")
         state.before = before.metrics
         eval_timer.stop()
+        tracking.log_eval(accelerator, state.before, 0, "eval_before")
 
     meter.start("train")
     state = train_loop(cfg, task, data, model, method, accelerator, run, state, device, eval_timer,
@@ -402,7 +409,9 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
     }
     run.finish(results)
     if accelerator.is_main_process:
+        model_card.write_card(saved, results)  # replaces peft's placeholder README.md
         print(format_result_row(results))
+    tracking.log_results(accelerator, results)
     return results
 
 

@@ -1,7 +1,12 @@
-"""Readers for local data files: txt, jsonl, json, csv, tsv, parquet. Errors name the file, line or column."""
+"""Readers for local data files: txt, jsonl, json, csv, tsv, parquet. Errors name the file, line or column.
+
+Text files are decoded with ``encoding`` (any Python codec; default UTF-8). CSV/TSV files have a header row unless
+``header=False``, in which case their columns are named by 0-based index: ``"0"``, ``"1"``, ...
+"""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -23,28 +28,40 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name, or a one-line error for a name Python does not know."""
     try:
-        text = raw.decode("utf-8")
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f"encoding {encoding!r} is not a Python codec; use e.g. --set encoding=latin-1, cp1252 or "
+                        "utf-16") from None
+
+
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    raw = path.read_bytes()
+    codec = check_encoding(encoding)
+    try:
+        text = raw.decode(codec)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}: not valid UTF-8 (byte {exc.start}, line {line}); re-save the file as UTF-8") \
+        shown = "UTF-8" if codec == "utf-8" else encoding
+        raise UserError(f"{path}: not valid {shown} (byte {exc.start}, line {line}); pass the file's encoding "
+                        "with --set encoding=NAME (e.g. --set encoding=latin-1), or re-save the file as UTF-8") \
             from None
     if not text.strip():
         raise UserError(f"{path}: the file is empty; give a file with data")
     return text.removeprefix("\ufeff")
 
 
-def read_txt(path: Path) -> list[dict[str, Any]]:
+def read_txt(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """One record per line, under the column 'text' (line endings kept, as in the HF wikitext dataset)."""
-    return [{"text": line} for line in _read_text(path).splitlines(keepends=True)]
+    return [{"text": line} for line in _read_text(path, encoding).splitlines(keepends=True)]
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """One JSON object per non-blank line."""
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(_read_text(path, encoding).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -59,10 +76,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def read_json(path: Path) -> list[dict[str, Any]]:
+def read_json(path: Path, encoding: str = "utf-8") -> list[dict[str, Any]]:
     """A JSON array of objects (or an object with a 'data' array)."""
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(_read_text(path, encoding))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); fix the file") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -72,17 +89,32 @@ def read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
-def read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
-    """CSV or TSV with a header row."""
-    reader = csv.DictReader(io.StringIO(_read_text(path)), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL
-                            if delimiter == "," else csv.QUOTE_NONE)
+def read_delimited(path: Path, delimiter: str, encoding: str = "utf-8", header: bool = True) -> list[dict[str, Any]]:
+    """CSV or TSV, with a header row or (``header=False``) columns named "0", "1", ... by position."""
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    rows = csv.reader(io.StringIO(_read_text(path, encoding)), delimiter=delimiter, quoting=quoting)
+    names = None if not header else next(rows, None)
     records = []
-    for number, row in enumerate(reader, start=2):
-        if None in row:
-            raise UserError(f"{path}: line {number} has more fields than the header "
-                            f"({', '.join(reader.fieldnames or [])}); check the delimiter and quoting")
-        records.append(row)
+    for number, row in enumerate(rows, start=2 if header else 1):
+        if not row:
+            continue  # a blank line
+        if names is None:
+            records.append({str(i): value for i, value in enumerate(row)})
+            continue
+        if len(row) > len(names):
+            raise UserError(f"{path}: line {number} has more fields than the header ({', '.join(names)}); check the "
+                            "delimiter and quoting, or pass --set header=false if the file has no header row")
+        records.append({name: (row[i] if i < len(row) else None) for i, name in enumerate(names)})
     return records
+
+
+def looks_like_data(cell: str) -> bool:
+    """True for a header cell that reads as a value, not a name: a number such as a class index."""
+    try:
+        float(str(cell).strip())
+    except ValueError:
+        return False
+    return True
 
 
 def read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -95,14 +127,19 @@ def read_parquet(path: Path) -> list[dict[str, Any]]:
         raise UserError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path, encoding: str = "utf-8", header: bool = True) -> list[dict[str, Any]]:
     """Read a local data file into a list of records, by its suffix."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"data path {str(p)!r} is a directory, not a file; give a data file inside it, or lay the "
+                        "folder out as a hub dataset (data/train-*.parquet, or a README.md with configs)")
     if not p.is_file():
         raise UserError(f"data file {str(p)!r} does not exist; check the path")
     suffix = p.suffix.lower()
-    readers = {".txt": read_txt, ".jsonl": read_jsonl, ".json": read_json, ".parquet": read_parquet,
-               ".csv": lambda q: read_delimited(q, ","), ".tsv": lambda q: read_delimited(q, "\t")}
+    readers = {".txt": lambda q: read_txt(q, encoding), ".jsonl": lambda q: read_jsonl(q, encoding),
+               ".json": lambda q: read_json(q, encoding), ".parquet": read_parquet,
+               ".csv": lambda q: read_delimited(q, ",", encoding, header),
+               ".tsv": lambda q: read_delimited(q, "\t", encoding, header)}
     if suffix not in readers:
         raise UserError(f"data file {str(p)!r} has an unsupported type {suffix!r}; use one of "
                         + ", ".join(READABLE_SUFFIXES))
@@ -110,12 +147,3 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not records:
         raise UserError(f"{p}: the file has no records; give a file with data")
     return records
-
-
-def require_columns(records: list[dict[str, Any]], columns: list[str], source: str, field_hint: str) -> None:
-    """Fail with the list of existing columns when a needed column is missing."""
-    have = list(records[0].keys()) if records else []
-    for column in columns:
-        if column not in have:
-            raise UserError(f"{source}: no column {column!r}; the columns are {', '.join(map(str, have))}. "
-                            f"Set {field_hint}")

@@ -2,7 +2,11 @@
 
 A named dataset (``wikitext-2-raw-v1``, ``sst2``, ``alpaca-libre``) is read from the offline mirror when one is
 configured (``data_dir`` or ``$PEFTLAB_DATA_DIR``) and holds it; otherwise from the hub. Any other name is a local
-file when such a file exists, else a hub dataset id.
+file when such a file exists, a local folder laid out as a hub dataset repository (``data/train-*.parquet``, or a
+``README.md`` whose front matter has ``configs``) read through ``datasets.load_dataset``, else a hub dataset id.
+
+A text column given as a comma list (``--text-column 1,2``) names several columns whose texts are joined with
+:data:`TEXT_JOIN` (a blank line) into one column named as given; the tasks read it like any other column.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.data.readers import READABLE_SUFFIXES, file_fingerprint, read_records
+from peftlab.data.readers import READABLE_SUFFIXES, file_fingerprint, looks_like_data, read_records
 from peftlab.errors import UserError
+
+#: Separator between the texts of several joined text columns (e.g. a title and a body).
+TEXT_JOIN = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,13 @@ class DataSplit:
     source: str  # e.g. "mirror:wikitext-2-raw-v1/validation.txt", "file:/x.jsonl", "hub:wikitext/..:train"
     split: str
     fingerprint: str
+    first_line: int | None = None  # file line of records[0] (csv/tsv read whole or in part), for messages
+    rows: tuple[int, int] | None = None  # [start, stop) of the file's records this split holds, when a part
+
+    def row_name(self, index: int) -> str:
+        """'row N' of the split (1-based), plus the file line for a csv/tsv file."""
+        where = f"row {index + 1}"
+        return where if self.first_line is None else where + f" (line {self.first_line + index})"
 
 
 def data_dir(cfg) -> Path | None:
@@ -59,10 +73,60 @@ def _looks_like_file(name: str) -> bool:
     return name.lower().endswith(READABLE_SUFFIXES) or name.startswith((".", "/", "~"))
 
 
-def _from_file(path: str, split: str) -> DataSplit:
+def is_dataset_folder(name: str) -> bool:
+    """A local folder laid out as a hub dataset repository: data/ with data files, or a README.md with configs."""
+    p = Path(name).expanduser()
+    if not p.is_dir():
+        return False
+    data = p / "data"
+    if data.is_dir() and any(f.suffix.lower() in READABLE_SUFFIXES for f in data.rglob("*") if f.is_file()):
+        return True
+    readme = p / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            import yaml
+
+            try:
+                front = yaml.safe_load(text.split("---", 2)[1]) or {}
+            except yaml.YAMLError:
+                return False
+            return isinstance(front, dict) and "configs" in front
+    return False
+
+
+def _from_file(path: str, split: str, cfg=None) -> DataSplit:
     p = Path(path).expanduser()
-    records = read_records(p)
-    return DataSplit(records, f"file:{p}", split, file_fingerprint(p))
+    encoding, header = getattr(cfg, "encoding", "utf-8"), getattr(cfg, "header", True)
+    records = read_records(p, encoding=encoding, header=header)
+    delimited = p.suffix.lower() in (".csv", ".tsv")
+    return DataSplit(records, f"file:{p}", split, file_fingerprint(p), (2 if header else 1) if delimited else None)
+
+
+def _from_folder(path: str, split: str) -> DataSplit:
+    """One split of a local folder laid out as a hub dataset repository."""
+    import datasets
+
+    p = Path(path).expanduser()
+    try:
+        ds = datasets.load_dataset(str(p), split=split)
+    except Exception as exc:  # datasets raises many types for a malformed folder or a missing split
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"dataset folder {str(p)!r} could not be loaded ({first[:200]}); lay it out as "
+                        "data/<split>-*.parquet (or .csv/.jsonl), or list its configs in README.md") from None
+    return DataSplit(ds.to_list(), f"folder:{p}:{split}", split, ds._fingerprint)
+
+
+def folder_splits(path: str) -> list[str]:
+    """The split names a dataset folder declares (through datasets' own resolution)."""
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(str(Path(path).expanduser())))
+    except Exception as exc:  # as in _from_folder
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"dataset folder {path!r} could not be read ({first[:200]}); lay it out as "
+                        "data/<split>-*.parquet (or .csv/.jsonl), or list its configs in README.md") from None
 
 
 def _from_hub(path: str, name: str | None, split: str) -> DataSplit:
@@ -108,8 +172,11 @@ def _mirror_has_no(cfg, key: str, split: str) -> bool:
 
 def check_dataset_name(name: str) -> None:
     """Fail early on a dataset that is neither known, a file, nor plausibly a hub id."""
-    if name in NAMED_DATASETS:
+    if name in NAMED_DATASETS or is_dataset_folder(name):
         return
+    if Path(name).expanduser().is_dir():
+        raise UserError(f"dataset {name!r} is a directory, not a data file; give a file inside it, or lay the "
+                        "folder out as a hub dataset (data/train-*.parquet, or a README.md with configs)")
     if _looks_like_file(name):
         if not Path(name).expanduser().is_file():
             raise UserError(f"data file {name!r} does not exist; check the path")
@@ -146,8 +213,16 @@ def load_splits(cfg, holdout_fraction: float = 0.05) -> SplitPlan:
             eval_split = cfg.eval_split
         train = _named_split(cfg, cfg.dataset, train_split)
         evaluation = None if cfg.eval_dataset else _named_split(cfg, cfg.dataset, eval_split)
+    elif is_dataset_folder(cfg.dataset):
+        splits = folder_splits(cfg.dataset)
+        if "train" not in splits:
+            raise UserError(f"dataset folder {cfg.dataset!r} has no train split (it has {', '.join(splits)}); name "
+                            "its training files data/train-*.parquet (or .csv/.jsonl)")
+        train = _from_folder(cfg.dataset, "train")
+        wanted = cfg.eval_split or next((s for s in ("validation", "test") if s in splits), None)
+        evaluation = None if cfg.eval_dataset or wanted is None else _from_folder(cfg.dataset, wanted)
     elif _looks_like_file(cfg.dataset):
-        train = _from_file(cfg.dataset, "train")
+        train = _from_file(cfg.dataset, "train", cfg)
         evaluation = None
     else:
         train = _from_hub(cfg.dataset, None, "train")
@@ -156,8 +231,12 @@ def load_splits(cfg, holdout_fraction: float = 0.05) -> SplitPlan:
         if cfg.eval_dataset in NAMED_DATASETS:
             named = NAMED_DATASETS[cfg.eval_dataset]
             evaluation = _named_split(cfg, cfg.eval_dataset, named.eval_split)
+        elif is_dataset_folder(cfg.eval_dataset):
+            splits = folder_splits(cfg.eval_dataset)
+            evaluation = _from_folder(cfg.eval_dataset, cfg.eval_split or next(
+                (s for s in ("validation", "test", "train") if s in splits), splits[0]))
         elif _looks_like_file(cfg.eval_dataset):
-            evaluation = _from_file(cfg.eval_dataset, "eval")
+            evaluation = _from_file(cfg.eval_dataset, "eval", cfg)
         else:
             evaluation = _from_hub(cfg.eval_dataset, None, "validation")
     if evaluation is None:
@@ -165,9 +244,46 @@ def load_splits(cfg, holdout_fraction: float = 0.05) -> SplitPlan:
         n_hold = max(1, int(len(train.records) * holdout_fraction))
         if len(train.records) < 2:
             raise UserError(f"{cfg.dataset}: too few records to hold out an evaluation split; give --eval-dataset")
-        evaluation = DataSplit(train.records[-n_hold:], train.source + f"[-{n_hold}:]", "holdout",
-                               train.fingerprint)
-        train = DataSplit(train.records[:-n_hold], train.source + f"[:-{n_hold}]", "train", train.fingerprint)
+        # The source stays the file's name (users see it in messages); the part is in ``rows``, the split name.
+        n = len(train.records)
+        line = None if train.first_line is None else train.first_line + n - n_hold
+        evaluation = DataSplit(train.records[-n_hold:], train.source, "holdout", train.fingerprint, line,
+                               (n - n_hold, n))
+        train = DataSplit(train.records[:-n_hold], train.source, "train", train.fingerprint, train.first_line,
+                          (0, n - n_hold))
         note = f"no eval dataset given: held out the last {n_hold} records of {cfg.dataset} for evaluation"
+    for split in (train, evaluation):
+        prepare_columns(cfg, split)
     return SplitPlan(train, evaluation, note)
+
+
+def _named_columns(cfg) -> list[str]:
+    """The columns a config names explicitly: the text column(s), the pair column, the label column."""
+    text = str(getattr(cfg, "text_column", "text"))
+    names = [text] if "," not in text else [part.strip() for part in text.split(",") if part.strip()]
+    pair = getattr(cfg, "text_pair_column", None)
+    return names + ([str(pair)] if pair else []) + [str(getattr(cfg, "label_column", "label"))]
+
+
+def prepare_columns(cfg, split: DataSplit) -> None:
+    """Join several text columns into one, and say so when a csv/tsv header row is really data."""
+    if not split.records:
+        return
+    have = list(split.records[0].keys())
+    if split.first_line == 2 and not all(name in have for name in _named_columns(cfg)):
+        data_like = [cell for cell in have if looks_like_data(cell)]
+        if data_like:
+            raise UserError(f"{split.source}: the first row looks like data, not a header (the cell {data_like[0]!r}"
+                            " is a number where a column name should be); if the file has no header row, pass "
+                            "--set header=false and name columns by 0-based index (--text-column 1 --label-column 0)")
+    text = str(cfg.text_column)
+    if "," not in text or text in have:
+        return
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    missing = [part for part in parts if part not in have]
+    if missing:
+        raise UserError(f"{split.source}: no column {missing[0]!r} (of --text-column {text}); the columns are "
+                        f"{', '.join(map(str, have))}")
+    for record in split.records:
+        record[text] = TEXT_JOIN.join(str(record[p]) for p in parts if record.get(p) not in (None, ""))
 

@@ -35,11 +35,8 @@ def require_columns(split: DataSplit, columns: dict[str, str]) -> None:
 
 
 def row_name(split: DataSplit, index: int) -> str:
-    """'row N' of a split (1-based), plus its line number for csv/tsv files read whole."""
-    where = f"row {index + 1}"
-    if split.source.endswith((".csv", ".tsv")):
-        where += f" (line {index + 2})"
-    return where
+    """'row N' of a split (1-based), plus its line number for csv/tsv files (the split knows its first line)."""
+    return split.row_name(index)
 
 
 def split_info(split: DataSplit, unit: str, used: int, total: int | None) -> dict[str, Any]:
