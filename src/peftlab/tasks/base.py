@@ -18,6 +18,7 @@ class MetricSpec:
     label: str  # e.g. "Perplexity"
     higher_is_better: bool
     fmt: str = ".4f"  # a format spec for the value, e.g. ".2f"
+    generated: bool = False  # measured on greedy generations (generation_subset examples, max_new_tokens each)
 
     @property
     def arrow(self) -> str:
