@@ -31,27 +31,6 @@ class Method:
     #: (adapters.save_initial_adapter) and convert at save time (adapters.adapter_save_kwargs), so that the saved
     #: adapter is a plain LoRA that loads onto the original base.
     converts_at_save: bool = False
-    # TEMPORARY contract stubs (methods/base.py traits), dropped at merge for A's real Method classes
-    display_name: str = ""
-    order: int = 99
-    shows_rank: bool = False
-
-    @property
-    def quantizes_base(self) -> bool:
-        return self.quantized_base
-
-    def field_names(self) -> frozenset[str]:
-        return self.fields
-
-    def config_label(self, fields: dict) -> str:
-        if not self.shows_rank:
-            return "-"
-        return f"({fields['r']}, {float(fields['alpha']):g})"
-
-    def run_id_part(self, fields: dict) -> str:
-        if not self.shows_rank:
-            return ""
-        return f"-r{fields['r']}a{float(fields['alpha']):g}"
 
 
 METHODS: dict[str, Method] = {}

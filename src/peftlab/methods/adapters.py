@@ -59,31 +59,23 @@ def _loraplus_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
                                      weight_decay=cfg.weight_decay)
 
 
-register(Method("lora", LORA_FIELDS, _lora_applier(), "low-rank adapters (Hu et al. 2021)", mergeable=True,
-                display_name="LoRA", order=1, shows_rank=True))
+register(Method("lora", LORA_FIELDS, _lora_applier(), "low-rank adapters (Hu et al. 2021)", mergeable=True))
 register(Method("qlora", LORA_FIELDS | {"quant_type", "double_quant"}, _apply_qlora,
-                "LoRA over a 4-bit NF4 base (Dettmers et al. 2023)", quantized_base=True, mergeable=True,
-                display_name="QLoRA", order=6, shows_rank=True))
+                "LoRA over a 4-bit NF4 base (Dettmers et al. 2023)", quantized_base=True, mergeable=True))
 register(Method("dora", LORA_FIELDS, _lora_applier(use_dora=True),
-                "weight-decomposed LoRA (Liu et al. 2024)", mergeable=True,
-                display_name="DoRA", order=3, shows_rank=True))
+                "weight-decomposed LoRA (Liu et al. 2024)", mergeable=True))
 register(Method("rslora", LORA_FIELDS, _lora_applier(use_rslora=True),
-                "rank-stabilised LoRA: scaling alpha/sqrt(r) (Kalajdzievski 2023)", mergeable=True,
-                display_name="rsLoRA", order=2, shows_rank=True))
+                "rank-stabilised LoRA: scaling alpha/sqrt(r) (Kalajdzievski 2023)", mergeable=True))
 register(Method("pissa", LORA_FIELDS, _lora_applier(init_lora_weights="pissa_niter_4"),
                 "LoRA initialised from the principal singular vectors (Meng et al. 2024)", mergeable=True,
-                converts_at_save=True,
-                display_name="PiSSA", order=4, shows_rank=True))
+                converts_at_save=True))
 register(Method("loraplus", LORA_FIELDS | {"loraplus_lr_ratio"}, _lora_applier(),
                 "LoRA with a higher learning rate for B (Hayou et al. 2024)", mergeable=True,
-                make_optimizer=_loraplus_optimizer,
-                display_name="LoRA+", order=5, shows_rank=True))
+                make_optimizer=_loraplus_optimizer))
 register(Method("ia3", frozenset({"target_modules"}), _apply_ia3,
-                "learned rescaling vectors (Liu et al. 2022)", mergeable=True,
-                display_name="IA3", order=7))
+                "learned rescaling vectors (Liu et al. 2022)", mergeable=True))
 register(Method("prefix", frozenset({"num_virtual_tokens"}), _apply_prefix,
-                "trainable prefix key/values per layer (Li & Liang 2021)",
-                display_name="Prefix", order=8))
+                "trainable prefix key/values per layer (Li & Liang 2021)"))
 
 
 def save_initial_adapter(model: nn.Module, method: Method, run_dir: str | Path) -> Path | None:

@@ -14,4 +14,4 @@ def _apply_full(model: nn.Module, cfg, task_kind: str) -> nn.Module:
 
 
 FULL = register(Method(name="full", fields=frozenset(), apply=_apply_full, is_peft=False,
-                       summary="all weights trainable", display_name="Full", order=0))
+                       summary="all weights trainable"))

@@ -20,7 +20,6 @@ from torch import nn
 from peftlab.data.sources import DataSplit, SplitPlan
 from peftlab.errors import UserError
 from peftlab.tasks import Task, register
-from peftlab.tasks.base import MetricSpec  # TEMPORARY contract stub
 
 LabelKey = int | str
 
@@ -117,19 +116,6 @@ class ClassificationTask(Task):
     model_kind = "seq_cls"
     metric = "accuracy"
     higher_is_better = True
-    # TEMPORARY contract stubs (tasks/base.py declarations), dropped at merge for B's real tasks
-    order = 1
-    metrics = (MetricSpec("accuracy", "Accuracy", True), MetricSpec("macro_f1", "F1 (macro)", True))
-    table_metrics = ("macro_f1",)
-    example_unit = "examples"
-
-    @classmethod
-    def seq_len(cls, cfg) -> int:
-        return cfg.max_length
-
-    @classmethod
-    def tokens_per_example(cls, cfg) -> int:
-        return min(cfg.max_length, 64)
 
     # --- raw data -------------------------------------------------------------------------------------------
     def load(self) -> None:

@@ -15,7 +15,6 @@ from peftlab.data.sources import DataSplit, SplitPlan
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum, shifted_label_count
 from peftlab.tasks import Task, register
-from peftlab.tasks.base import MetricSpec  # TEMPORARY contract stub
 
 CACHE_FORMAT = "blocks-v1"
 
@@ -104,19 +103,6 @@ class CausalLMTask(Task):
     name = "clm"
     metric = "perplexity"
     higher_is_better = False
-    # TEMPORARY contract stubs (tasks/base.py declarations), dropped at merge for B's real tasks
-    order = 0
-    metrics = (MetricSpec("perplexity", "Perplexity", False, ".2f"),)
-    table_metrics = ()
-    example_unit = "blocks"
-
-    @classmethod
-    def seq_len(cls, cfg) -> int:
-        return cfg.block_size
-
-    @classmethod
-    def tokens_per_example(cls, cfg) -> int:
-        return cfg.block_size
 
     def load(self) -> None:
         self.plan: SplitPlan = self.load_plan()

@@ -37,7 +37,6 @@ from peftlab.prompts import (
     pad_batch,
 )
 from peftlab.tasks import Task, register
-from peftlab.tasks.base import MetricSpec  # TEMPORARY contract stub
 from peftlab.tasks.classification import row_name
 
 ROLES = ("system", "user", "assistant")
@@ -140,21 +139,6 @@ class InstructionTask(Task):
     name = "instruction"
     metric = "rougeL"
     higher_is_better = True
-    # TEMPORARY contract stubs (tasks/base.py declarations), dropped at merge for B's real tasks
-    order = 2
-    metrics = (MetricSpec("rougeL", "ROUGE-L", True, generated=True), MetricSpec("bleu", "BLEU", True, generated=True),
-               MetricSpec("exact_match", "Exact match", True, generated=True),
-               MetricSpec("perplexity", "Perplexity", False, ".2f"))
-    table_metrics = ("bleu", "exact_match", "perplexity")
-    example_unit = "examples"
-
-    @classmethod
-    def seq_len(cls, cfg) -> int:
-        return cfg.max_length
-
-    @classmethod
-    def tokens_per_example(cls, cfg) -> int:
-        return min(cfg.max_length, 192)
 
     # --- raw data -------------------------------------------------------------------------------------------
     def load(self) -> None:
