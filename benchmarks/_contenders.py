@@ -16,7 +16,6 @@ blocks with dataset preparation skipped (no packing, no re-tokenisation) and the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -191,7 +190,9 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
 
     device = torch.device(args.device)
     run = Path(args.run_dir)
-    results = json.loads((run / "results.json").read_text())
+    from peftlab.record import RunRecord  # the one reader of results.json
+
+    results = RunRecord.read(run).to_dict()
     dtype = DTYPES[results["model"]["dtype"]]
     method = results["method"]["name"]
     if (run / "model").is_dir():

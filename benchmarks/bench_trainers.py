@@ -132,7 +132,9 @@ def run_peftlab(args: argparse.Namespace, name: str, tag: str, paths: dict[str, 
         env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     wall = run_logged(peftlab_command(args, method, run_dir, train_blocks, processes),
                       args.out / "logs" / f"{tag}.log", env, args.timeout)
-    results = json.loads((run_dir / "results.json").read_text())
+    from peftlab.record import RunRecord  # the one reader of results.json
+
+    results = RunRecord.read(run_dir).to_dict()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "train_time_s" in r and "tokens" in r]  # training steps, not evaluation lines
     eval_out = args.out / "raw" / f"{tag}-eval.json"

@@ -62,7 +62,9 @@ def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, An
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{method}: `peftlab train` failed (exit {proc.returncode}); see {log}")
-    results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    from peftlab.record import RunRecord  # the one reader of results.json
+
+    results = RunRecord.read(run_dir).to_dict()
     return {"command": cmd, "wall_s": time.perf_counter() - start, "log": str(log), "results": results}
 
 

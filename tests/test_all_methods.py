@@ -21,7 +21,6 @@ from peftlab.methods.base import CAPABILITIES
 from peftlab.methods.lora import Lora
 from peftlab.plan.arch import load_arch
 from peftlab.plan.memory import NotPlanned, PlanInput, plan_memory
-from peftlab.tasks import TASKS
 from tests.conftest import tiny_overrides
 
 TWO_STEPS = dict(max_steps=2, train_subset=8, eval_subset=2, batch_size=2, grad_accum=1, eval_before=False,
@@ -51,10 +50,10 @@ def test_trains_two_steps_and_reloads_with_identical_logits(name, tmp_path, monk
     artifact = results["artifact"]["path"]
     if method.is_peft:
         cfg = eval_config(artifact, {})
-        _, model = load_for_eval(cfg, TASKS[cfg.task](cfg), artifact, "auto")
+        _, model = load_for_eval(cfg, artifact, "auto")
     else:
         cfg = eval_config(None, {"model": artifact})
-        _, model = load_for_eval(cfg, TASKS[cfg.task](cfg), None, "auto")
+        _, model = load_for_eval(cfg, None, "auto")
     reloaded = logits_of(model, trained_logits["ids"])
     # a method that converts at save time (PiSSA -> plain LoRA of rank 2r) is equal up to float rounding
     tolerance = 1e-4 if method.converts_at_save else 1e-6

@@ -15,8 +15,9 @@ import pytest
 
 from peftlab.cli import main
 from peftlab.errors import UserError
+from peftlab.record import RunRecord
 from peftlab.report import build_tables, markdown_table, read_sweep, write_report
-from peftlab.sweep_store import SweepStore
+from peftlab.sweep.store import SweepStore
 
 matplotlib.use("Agg")
 
@@ -53,7 +54,7 @@ def make_store(folder: Path, runs: list[tuple[str, dict]], failed: tuple[str, st
     store.add_runs([(rid, res["config"]) for rid, res in runs] + ([(failed[0], {})] if failed else []))
     for i, (rid, res) in enumerate(runs):
         store.mark_running(rid, None)
-        store.mark_done(rid, res, 10.0, 0)
+        store.mark_done(rid, RunRecord.from_dict(res), 10.0, 0)
         run_dir = folder / "runs" / rid
         run_dir.mkdir(parents=True)
         rows = [{"step": s, "epoch": s / 4, "loss": 3.0 - 0.2 * s - 0.1 * i} for s in range(1, 5)]
@@ -150,7 +151,7 @@ def test_report_writes_tables_plots_and_a_self_contained_html(sweep_dir, tmp_pat
 def test_plots_put_better_up(sweep_dir):
     import matplotlib.pyplot as plt
 
-    from peftlab.report_plots import metric_axis
+    from peftlab.report.plots import metric_axis
 
     tables = {t.task: t for t in build_tables(read_sweep(sweep_dir).finished)}
     for task, inverted in (("clm", True), ("classification", False)):

@@ -16,19 +16,19 @@ import pytest
 import yaml
 
 from peftlab.errors import UserError
-from peftlab.record import FAILED_FILE
-from peftlab.sweep import (
+from peftlab.record import FAILED_FILE, RunRecord
+from peftlab.sweep.runner import (
     ROUGH_OVERHEAD_S,
     ROUGH_TOKENS_PER_S,
     check_store_matches,
     failure_message,
-    format_plan,
-    plan_sweep,
+    format_preview,
+    preview_sweep,
     rough_seconds,
     run_sweep,
 )
-from peftlab.sweep_spec import id_segment, load_sweep
-from peftlab.sweep_store import SweepStore
+from peftlab.sweep.spec import id_segment, load_sweep
+from peftlab.sweep.store import SweepStore
 from tests.conftest import REPO, SHARED_DATA
 
 TINY_BASE = {"model": "tiny-llama", "train_subset": 8, "eval_subset": 2, "block_size": 32, "batch_size": 4,
@@ -138,7 +138,7 @@ def _store_with(tmp_path: Path, spec, statuses: dict[str, str], wall: float = 10
         if state in ("running", "done", "failed"):
             store.mark_running(run.id, None)
         if state == "done":
-            store.mark_done(run.id, {"config": run.config.model_dump(mode="json")}, wall, 0)
+            store.mark_done(run.id, RunRecord.from_dict({"config": run.config.model_dump(mode="json")}), wall, 0)
         elif state == "failed":
             store.mark_failed(run.id, "boom", 1.0, 2, "tail")
     return store
@@ -172,21 +172,21 @@ def test_store_transitions_and_interrupted_runs(tmp_path):
 
 def test_dry_run_lists_actions_and_estimates(tmp_path):
     spec = load_sweep(write_sweep(tmp_path / "a.yaml", {"base": TINY_BASE, "grid": {"r": [1, 2, 3]}}))
-    fresh = plan_sweep(tmp_path / "a.yaml", tmp_path / "none")
+    fresh = preview_sweep(tmp_path / "a.yaml", tmp_path / "none")
     assert not (tmp_path / "none").exists()
     expected = ROUGH_OVERHEAD_S + 8 * 32 / ROUGH_TOKENS_PER_S["tiny-llama"]  # 8 blocks of 32 tokens, one epoch
     assert [(line.action, line.estimate_kind) for line in fresh.lines] == [("run", "rough")] * 3
     assert fresh.lines[0].estimate_s == pytest.approx(expected)
     assert rough_seconds(spec.runs[0].config) == pytest.approx(expected)
     _store_with(tmp_path, spec, {"r1": "done", "r2": "failed", "r3": "running"}, wall=100.0).close()
-    plan = plan_sweep(tmp_path / "a.yaml", tmp_path / "out")
-    assert [(line.id, line.status, line.action) for line in plan.lines] == [
+    preview = preview_sweep(tmp_path / "a.yaml", tmp_path / "out")
+    assert [(line.id, line.status, line.action) for line in preview.lines] == [
         ("r1", "done", "skip"), ("r2", "failed", "skip"), ("r3", "interrupted", "run")]
-    assert (plan.lines[2].estimate_s, plan.lines[2].estimate_kind) == (100.0, "measured")
-    retry = plan_sweep(tmp_path / "a.yaml", tmp_path / "out", retry_failed=True)
+    assert (preview.lines[2].estimate_s, preview.lines[2].estimate_kind) == (100.0, "measured")
+    retry = preview_sweep(tmp_path / "a.yaml", tmp_path / "out", retry_failed=True)
     assert [line.action for line in retry.lines] == ["skip", "run", "run"]
     assert retry.estimate_s == 200.0
-    assert "2 to run, 1 to skip; estimated 3m20s" in format_plan(retry)
+    assert "2 to run, 1 to skip; estimated 3m20s" in format_preview(retry)
 
 
 def test_failure_message_prefers_failed_json_then_signal_then_error_line(tmp_path):
@@ -348,9 +348,9 @@ def test_rerun_after_completion_runs_nothing_unless_retry_failed(killed_then_rer
     outcome = run_sweep(k["sweep_file"], k["out"])
     assert outcome.ran == [] and sorted(outcome.skipped) == ["bad-target", "full", "lora-r4"]
     assert outcome.failed == {"bad-target": k["after"]["bad-target"].error}
-    plan = plan_sweep(k["sweep_file"], k["out"], retry_failed=True)
-    assert [line.id for line in plan.to_run] == ["bad-target"]
-    assert plan.to_run[0].estimate_kind == "measured"
+    preview = preview_sweep(k["sweep_file"], k["out"], retry_failed=True)
+    assert [line.id for line in preview.to_run] == ["bad-target"]
+    assert preview.to_run[0].estimate_kind == "measured"
 
 
 def test_report_reads_the_real_store(killed_then_rerun, tmp_path):

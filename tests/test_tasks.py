@@ -103,7 +103,7 @@ def test_metric_spec_formats_and_arrows() -> None:
 def test_require_columns_and_row_names() -> None:
     from peftlab.data.sources import DataSplit
 
-    split = DataSplit([{"sentence": "a", "label": 0}], "file:/x/train.csv", "train", "f")
+    split = DataSplit([{"sentence": "a", "label": 0}], "file:/x/train.csv", "train", "f", first_line=2)
     require_columns(split, {"label": "Set --label-column"})
     with pytest.raises(UserError, match=r"train\.csv: no column 'text'; the columns are sentence, label\. "
                                         r"Set --text-column"):

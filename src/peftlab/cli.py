@@ -171,13 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(gen, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
     gen.set_defaults(func=cmd_generate)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    _add_study_commands(sub)
+    _add_memory_commands(sub)
     return parser
-
-
-#: Subcommands added by other modules: each is a function(subparsers) that adds its parser.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -187,10 +183,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     out = args.output_dir or str(Path("sweeps") / Path(args.sweep_file).stem)
     if args.dry_run:
-        print(sweep.format_plan(sweep.plan_sweep(args.sweep_file, out, args.retry_failed)))
+        print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed)))
         return 0
-    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed,
-                              on_progress=lambda p: print(sweep.format_progress(p), flush=True))
+    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed, on_progress=sweep.ProgressBar())
     for run_id, error in outcome.failed.items():
         print(f"failed: {run_id}: {error} (log: {Path(out) / 'logs' / (run_id + '.log')})", file=sys.stderr)
     if outcome.failed:
@@ -219,8 +214,6 @@ def _add_study_commands(sub: Any) -> None:
     report.add_argument("--output-dir", help="where to write the report (default: SWEEP_DIR/report)")
     report.set_defaults(func=cmd_report)
 
-
-_EXTRA_COMMANDS.append(_add_study_commands)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -276,8 +269,6 @@ def _add_memory_commands(sub: Any) -> None:
     _add_config_args(merge, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
     merge.set_defaults(func=cmd_merge)
 
-
-_EXTRA_COMMANDS.append(_add_memory_commands)
 
 
 def _quiet_libraries() -> None:

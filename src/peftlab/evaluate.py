@@ -82,10 +82,12 @@ def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
 
 def check_recorded_labels(adapter: str | Path, labels: list[str] | None) -> None:
     """A classification adapter's head maps ids to the labels its run recorded; refuse a different label set."""
-    path = Path(adapter).expanduser().parent / "results.json"
-    if labels is None or not path.is_file():
+    from peftlab.record import RESULTS_FILE, RunRecord
+
+    run_dir = Path(adapter).expanduser().parent
+    if labels is None or not (run_dir / RESULTS_FILE).is_file():
         return
-    recorded = (json.loads(path.read_text(encoding="utf-8")).get("data") or {}).get("labels")
+    recorded = RunRecord.read(run_dir).data.model_dump().get("labels")  # the classification task's info block
     if recorded is not None and list(recorded) != list(labels):
         raise UserError(f"adapter {str(adapter)!r} was trained on labels {', '.join(recorded)}, but this data's "
                         f"training split has {', '.join(labels)}; evaluate with the run's dataset")

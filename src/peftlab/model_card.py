@@ -130,6 +130,7 @@ def _fmt(value: Any) -> str:
 
 def body(results: dict[str, Any], title: str, extra: list[str] | None = None) -> str:
     """The card's markdown: result row, hyperparameters, data, command, time, memory, versions."""
+    from peftlab.record import RunRecord
     from peftlab.summary import format_result_row
 
     cfg = results.get("config") or {}
@@ -144,7 +145,7 @@ def body(results: dict[str, Any], title: str, extra: list[str] | None = None) ->
     lines += extra or []
     lines += ["## Result", ""]
     try:
-        lines += [format_result_row(results), ""]
+        lines += [format_result_row(RunRecord.from_dict(results)), ""]
     except (KeyError, TypeError, ValueError):  # a partial record: the metrics below still stand
         pass
     before, after = (results.get("metrics") or {}).get("before") or {}, (results.get("metrics") or {}).get(

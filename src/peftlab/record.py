@@ -1,7 +1,8 @@
 """The run directory and its records: resolved config, metrics.jsonl, results.json (or failed.json).
 
 ``results.json`` is written last and atomically, so its presence means the run finished. A run that fails writes
-``failed.json`` instead. Schema version :data:`RESULTS_SCHEMA` is described in the README.
+``failed.json`` instead. :class:`RunRecord` (results.json) and :class:`FailedRecord` (failed.json) are the only code
+that reads or writes those files; schema version :data:`RESULTS_SCHEMA` is described in the README.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from peftlab.errors import UserError
 
-RESULTS_SCHEMA = 1
+#: 2: the method section gains ``fields`` (the method's field values); schema-1 files are read and upgraded.
+RESULTS_SCHEMA = 2
 RESULTS_FILE = "results.json"
 FAILED_FILE = "failed.json"
 CONFIG_FILE = "config.yaml"
@@ -86,11 +89,12 @@ def machine_info() -> dict[str, Any]:
 
 
 def default_run_name(cfg) -> str:
-    """runs/<model>-<task>-<method>[-r<r>a<alpha>]-<UTC time>."""
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model).name or cfg.model)
+    """runs/<model>-<task>-<method><what the method adds, e.g. -r8a16>-<UTC time>."""
     from peftlab.methods import get_method
 
-    shape = get_method(cfg.method).run_id_part(cfg.method_fields())
+    method = get_method(cfg.method)
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(cfg.model).name or cfg.model)
+    shape = method.run_id_part(cfg.method_fields())
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{model}-{cfg.task}-{cfg.method}{shape}-{stamp}"
 
@@ -147,23 +151,259 @@ class RunDir:
                 continue
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
-    def finish(self, results: dict[str, Any]) -> Path:
+    def finish(self, record: RunRecord) -> Path:
         """Write results.json (atomically, last)."""
         if self.is_writer:
-            write_json(self.path / RESULTS_FILE, results)
+            record.write(self.path)
         return self.path / RESULTS_FILE
 
     def fail(self, error: str, extra: dict[str, Any] | None = None) -> None:
         """Record a failed run: failed.json, never results.json."""
         if self.is_writer and self.path.is_dir():
-            write_json(self.path / FAILED_FILE, {"status": "failed", "error": error,
-                                                 "time": dt.datetime.now(dt.UTC).isoformat(),
-                                                 **(extra or {})})
+            FailedRecord(error=error, time=dt.datetime.now(dt.UTC).isoformat(), **(extra or {})).write(self.path)
 
 
-def read_results(run_dir: str | Path) -> dict[str, Any]:
-    """Load a finished run's results.json."""
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no results.json here; is it a finished peftlab run directory?")
-    return json.loads(path.read_text(encoding="utf-8"))
+# --- the run record (results.json) -------------------------------------------------------------------------------
+class Section(BaseModel):
+    """A part of the record. Open-ended: keys this version does not name are kept (and written back)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelInfo(Section):
+    name: str | None = None
+    source: str | None = None
+    architecture: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+
+
+class MethodInfo(Section):
+    """The method and its field values. ``r``/``alpha`` stay at the top (schema 1's keys) for other readers."""
+
+    name: str | None = None
+    summary: str | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)
+    r: int | None = None
+    alpha: int | float | None = None
+    target_modules: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema1_fields(cls, data: Any) -> Any:
+        # schema 1 had no `fields`: its r and alpha were the only method fields it recorded
+        if isinstance(data, dict) and "fields" not in data and ("r" in data or "alpha" in data):
+            data = {**data, "fields": {k: data[k] for k in ("r", "alpha") if k in data}}
+        return data
+
+
+class TaskInfo(Section):
+    name: str | None = None
+    metric: str | None = None
+    higher_is_better: bool | None = None
+
+
+class DataPart(Section):
+    """One split as a task's info block reports it: blocks (clm) or examples."""
+
+    source: str | None = None
+    split: str | None = None
+    fingerprint: str | None = None
+    blocks_used: int | None = None
+    blocks_total: int | None = None
+    examples_used: int | None = None
+    examples_total: int | None = None
+
+    @property
+    def used(self) -> int | None:
+        return self.blocks_used if self.blocks_used is not None else self.examples_used
+
+    @property
+    def total(self) -> int | None:
+        return self.blocks_total if self.blocks_total is not None else self.examples_total
+
+
+class DataInfo(Section):
+    train: DataPart | None = None
+    eval: DataPart | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class Params(Section):
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_percent: float | None = None
+
+
+class Metrics(Section):
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] = Field(default_factory=dict)
+    per_epoch: list[dict[str, Any]] = Field(default_factory=list)
+    final_train_loss: float | None = None
+    history_tail: list[dict[str, Any]] | None = None
+
+
+class Timing(Section):
+    load_time_s: float | None = None
+    train_time_s: float | None = None
+    epoch_times_s: list[float] = Field(default_factory=list)
+    epochs_trained: float | None = None
+    time_per_epoch_s: float | None = None
+    optimizer_steps: int | None = None
+    tokens_trained: int | None = None
+    tokens_per_s: float | None = None
+    eval_time_s: float | None = None
+    processes: int | None = None
+
+
+class PhaseMemory(Section):
+    cpu_peak_rss_gb: float | None = None
+    cuda_max_allocated_gb: float | None = None
+    cuda_max_reserved_gb: float | None = None
+    rss_reset_ok: bool | None = None
+
+
+class Memory(Section):
+    load: PhaseMemory | None = None
+    train: PhaseMemory | None = None
+    train_per_process: list[PhaseMemory] = Field(default_factory=list)
+    headline_gb: float | None = None
+    headline_kind: str | None = None
+    estimate: dict[str, Any] | None = None  # the planner's own dict (peftlab.plan)
+
+
+class Artifact(Section):
+    path: str | None = None
+    kind: str | None = None  # "adapter" | "model"
+    size_bytes: int | None = None
+
+
+class RunRecord(BaseModel):
+    """A finished run's results.json. Every section is optional so that partial or older records still load;
+    :meth:`to_dict` writes back exactly the keys that were set (plus nothing), so a read-write round trip keeps
+    the file's shape."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    schema_version: int = Field(default=RESULTS_SCHEMA, alias="schema")
+    status: str | None = None
+    run_dir: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    model: ModelInfo = Field(default_factory=ModelInfo)
+    method: MethodInfo = Field(default_factory=MethodInfo)
+    task: TaskInfo = Field(default_factory=TaskInfo)
+    data: DataInfo = Field(default_factory=DataInfo)
+    params: Params = Field(default_factory=Params)
+    metrics: Metrics = Field(default_factory=Metrics)
+    timing: Timing = Field(default_factory=Timing)
+    memory: Memory = Field(default_factory=Memory)
+    artifact: Artifact | None = None
+    sample: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = None
+    versions: dict[str, str | None] = Field(default_factory=dict)
+    git_commit: str | None = None
+    machine: dict[str, Any] = Field(default_factory=dict)
+    resumed: bool | None = None
+    resumed_from: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "schema" not in data:
+            return data
+        version = data["schema"]
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"schema {version!r} is not a results.json schema version")
+        if version > RESULTS_SCHEMA:
+            raise ValueError(f"schema {version} is newer than this peftlab reads (up to {RESULTS_SCHEMA})")
+        return {**data, "schema": RESULTS_SCHEMA}  # schema 1 -> 2: MethodInfo maps r/alpha to fields
+
+    # --- reading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "results") -> RunRecord:
+        """A record from parsed JSON (a results.json or a sweep store's copy); bad content is a one-line error."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}; it is not a peftlab "
+                            "results.json")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the record"
+            message = first["msg"].removeprefix("Value error, ")
+            fix = "upgrade peftlab" if "newer than" in message else "rerun the run or remove the folder"
+            raise UserError(f"{source}: {where}: {message}; {fix}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "results") -> RunRecord:
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise UserError(f"{source} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}: "
+                            "cut short or corrupted); rerun the run or remove the file") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunRecord:
+        """Load a finished run's results.json (schema 1 or 2)."""
+        path = Path(run_dir) / RESULTS_FILE
+        if not path.is_file():
+            raise UserError(f"{run_dir}: no results.json here; is it a finished peftlab run directory?")
+        return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+
+    @classmethod
+    def read_if_valid(cls, run_dir: str | Path) -> RunRecord | None:
+        """The record, or None when there is none or it does not load (a sweep deciding whether to adopt a run)."""
+        try:
+            return cls.read(run_dir)
+        except (UserError, OSError):
+            return None
+
+    # --- writing ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: schema 1's keys (``schema`` included) plus additions; unset sections are left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def write(self, run_dir: str | Path) -> Path:
+        """Write results.json atomically (readers see the old file or the whole new one)."""
+        path = Path(run_dir) / RESULTS_FILE
+        write_json(path, self.to_dict())
+        return path
+
+    # --- what readers ask ---------------------------------------------------------------------------------------
+    def headline(self) -> float | None:
+        """The task's headline metric after training."""
+        value = self.metrics.after.get(self.task.metric) if self.task.metric else None
+        return value if isinstance(value, int | float) else None
+
+    def metric(self, key: str, stage: str = "after") -> float | None:
+        """A numeric metric of the 'before' or 'after' evaluation, or None."""
+        values = self.metrics.after if stage == "after" else (self.metrics.before or {})
+        value = values.get(key)
+        return value if isinstance(value, int | float) else None
+
+
+class FailedRecord(BaseModel):
+    """failed.json: why a run stopped (``error``, one line) and when; extra keys (e.g. the step) are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = "failed"
+    error: str
+    time: str | None = None
+
+    def write(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / FAILED_FILE
+        write_json(path, self.model_dump(mode="json"))
+        return path
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> FailedRecord | None:
+        """The failure record, or None when there is none or it does not load (a crash may cut it short)."""
+        path = Path(run_dir) / FAILED_FILE
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None

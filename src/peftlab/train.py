@@ -27,7 +27,21 @@ from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes
 from peftlab.methods import Method, get_method
 from peftlab.models import LoadedModel, load_model, resolve_device
 from peftlab.plan.memory import estimate_for_run
-from peftlab.record import RESULTS_SCHEMA, RunDir, git_commit, machine_info, package_versions
+from peftlab.record import (
+    RESULTS_SCHEMA,
+    Artifact,
+    Memory,
+    MethodInfo,
+    Metrics,
+    ModelInfo,
+    RunDir,
+    RunRecord,
+    TaskInfo,
+    Timing,
+    git_commit,
+    machine_info,
+    package_versions,
+)
 from peftlab.summary import format_result_row
 from peftlab.tasks import Evaluation, Task, get_task
 
@@ -360,57 +374,58 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
 
     train_time = state.train_seconds()
     epoch_fraction = state.step / state.steps_per_epoch
-    results = {
-        "schema": RESULTS_SCHEMA,
-        "status": "done",
-        "run_dir": str(run.path),
-        "started": started.isoformat(),
-        "finished": dt.datetime.now(dt.UTC).isoformat(),
-        "config": cfg.model_dump(),
-        "model": {"name": cfg.model, "source": loaded.source, "architecture": type(loaded.model).__name__,
-                  "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(device)},
-        "method": {"name": method.name, "summary": method.summary, "r": cfg.method_fields().get("r"),
-                   "alpha": cfg.method_fields().get("alpha"), "fields": cfg.method_fields(),
-                   "target_modules": _adapter_targets(model)},
-        "task": {"name": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better},
-        "data": task.info(data),
-        "params": params,
-        "metrics": {"before": state.before, "after": after, "per_epoch": state.epoch_evals,
-                    "final_train_loss": state.history[-1]["loss"] if state.history else None},
-        "timing": {
-            "load_time_s": load_timer.total,
-            "train_time_s": train_time,
-            "epoch_times_s": state.epoch_times_s,
-            "epochs_trained": epoch_fraction,
-            "time_per_epoch_s": train_time / epoch_fraction if epoch_fraction else None,
-            "optimizer_steps": state.step,
-            "tokens_trained": state.tokens,
-            "tokens_per_s": state.tokens / train_time if train_time else None,
-            "eval_time_s": eval_timer.total,
-            "processes": accelerator.num_processes,
-        },
-        "memory": {
-            "load": vars(meter.phases["load"]),
-            "train": vars(meter.phases["train"]),
-            "train_per_process": per_process,
-            "headline_gb": meter.headline_gb("train"),
-            "headline_kind": "cuda_max_reserved" if device.type == "cuda" else "cpu_peak_rss_train",
-            "estimate": estimate_for_run(cfg, accelerator.unwrap_model(model)),
-        },
-        "artifact": {"path": str(saved), "kind": "adapter" if method.is_peft else "model",
-                     "size_bytes": folder_size_bytes(saved) if saved.exists() else None},
-        "sample": sample,
-        "seed": cfg.seed,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "machine": machine_info(),
-        "resumed": resumed_from is not None,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-    }
-    run.finish(results)
+    fields = cfg.method_fields()
+    record = RunRecord(
+        schema_version=RESULTS_SCHEMA,
+        status="done",
+        run_dir=str(run.path),
+        started=started.isoformat(),
+        finished=dt.datetime.now(dt.UTC).isoformat(),
+        config=cfg.model_dump(mode="json"),
+        model=ModelInfo(name=cfg.model, source=loaded.source, architecture=type(loaded.model).__name__,
+                        dtype=str(loaded.dtype).removeprefix("torch."), device=str(device)),
+        method=MethodInfo(name=method.name, summary=method.summary, fields=fields, r=fields.get("r"),
+                          alpha=fields.get("alpha"), target_modules=_adapter_targets(model)),
+        task=TaskInfo(name=task.name, metric=task.metric, higher_is_better=task.higher_is_better),
+        data=task.info(data),
+        params=params,
+        metrics=Metrics(before=state.before, after=after, per_epoch=state.epoch_evals,
+                        final_train_loss=state.history[-1]["loss"] if state.history else None),
+        timing=Timing(
+            load_time_s=load_timer.total,
+            train_time_s=train_time,
+            epoch_times_s=state.epoch_times_s,
+            epochs_trained=epoch_fraction,
+            time_per_epoch_s=train_time / epoch_fraction if epoch_fraction else None,
+            optimizer_steps=state.step,
+            tokens_trained=state.tokens,
+            tokens_per_s=state.tokens / train_time if train_time else None,
+            eval_time_s=eval_timer.total,
+            processes=accelerator.num_processes,
+        ),
+        memory=Memory(
+            load=vars(meter.phases["load"]),
+            train=vars(meter.phases["train"]),
+            train_per_process=per_process,
+            headline_gb=meter.headline_gb("train"),
+            headline_kind="cuda_max_reserved" if device.type == "cuda" else "cpu_peak_rss_train",
+            estimate=estimate_for_run(cfg, accelerator.unwrap_model(model)),
+        ),
+        artifact=Artifact(path=str(saved), kind="adapter" if method.is_peft else "model",
+                          size_bytes=folder_size_bytes(saved) if saved.exists() else None),
+        sample=sample,
+        seed=cfg.seed,
+        versions=package_versions(),
+        git_commit=git_commit(),
+        machine=machine_info(),
+        resumed=resumed_from is not None,
+        resumed_from=str(resumed_from) if resumed_from else None,
+    )
+    run.finish(record)
+    results = record.to_dict()
     if accelerator.is_main_process:
         model_card.write_card(saved, results)  # replaces peft's placeholder README.md
-        print(format_result_row(results))
+        print(format_result_row(record))
     tracking.log_results(accelerator, results)
     return results
 

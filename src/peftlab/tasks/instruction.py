@@ -189,7 +189,7 @@ class InstructionTask(Task):
                MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),
                MetricSpec("exact_match", "Exact match", higher_is_better=True, generated=True),
                MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f"))
-    table_metrics = ("perplexity", "bleu", "exact_match")
+    table_metrics = ("bleu", "exact_match", "perplexity")
     example_unit = "examples"
 
     # --- raw data -------------------------------------------------------------------------------------------

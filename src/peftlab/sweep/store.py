@@ -1,10 +1,11 @@
 """The results store of a sweep: one SQLite file (stdlib sqlite3, WAL journal) in the sweep's output folder.
 
 Table ``runs`` holds one row per expanded run: its id, the fields the sweep file sets for it (``definition``), its
-status (queued -> running -> done | failed), attempts, timings, the error text of a failure and the content of the
-run's ``results.json``. Table ``meta`` holds the sweep's fingerprint (a hash of every run's definition), its name and
-the file it came from. Each update is one short transaction, so a sweep killed at any point leaves a consistent
-store: at worst a row still says ``running``, and the next sweep redoes that run.
+status (queued -> running -> done | failed), attempts, timings, the error text of a failure and the run's record
+(the JSON of its ``results.json``, as :class:`~peftlab.record.RunRecord` writes it). Table ``meta`` holds the
+sweep's fingerprint (a hash of every run's definition), its name and the file it came from. Each update is one
+short transaction, so a sweep killed at any point leaves a consistent store: at worst a row still says
+``running``, and the next sweep redoes that run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import UserError
+from peftlab.record import RunRecord
 
 STORE_FILE = "sweep.sqlite"
 STATUSES = ("queued", "running", "done", "failed")
@@ -66,7 +68,13 @@ class RunRow:
     error: str | None
     output_tail: str | None
     note: str | None
-    results: dict[str, Any] | None
+    results: dict[str, Any] | None  # the record's JSON, as stored
+
+    def record(self) -> RunRecord | None:
+        """The stored results as a typed record (None for a run that has none)."""
+        if self.results is None:
+            return None
+        return RunRecord.from_dict(self.results, f"sweep store, run {self.id!r}")
 
 
 class SweepStore:
@@ -161,12 +169,12 @@ class SweepStore:
                      "finished_at = NULL, wall_s = NULL, exit_code = NULL, error = NULL, output_tail = NULL "
                      "WHERE id = ?", (pid, now_iso(), run_id))
 
-    def mark_done(self, run_id: str, results: dict[str, Any], wall_s: float | None, exit_code: int | None,
+    def mark_done(self, run_id: str, record: RunRecord, wall_s: float | None, exit_code: int | None,
                   note: str | None = None) -> None:
-        """A run finished: store its results.json content."""
+        """A run finished: store its record."""
         self._update(run_id, "UPDATE runs SET status = 'done', pid = NULL, finished_at = ?, wall_s = ?, "
                      "exit_code = ?, error = NULL, note = ?, results = ? WHERE id = ?",
-                     (now_iso(), wall_s, exit_code, note, json.dumps(results, default=str), run_id))
+                     (now_iso(), wall_s, exit_code, note, json.dumps(record.to_dict()), run_id))
 
     def mark_failed(self, run_id: str, error: str, wall_s: float | None, exit_code: int | None,
                     output_tail: str | None) -> None:

@@ -7,10 +7,9 @@ inverted y axis and says so in its label; costs (time, memory, trainable paramet
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from peftlab.report import Column, TaskTable
+from peftlab.record import RunRecord
+from peftlab.report.tables import Column, TaskTable
 
 SCATTERS = {  # kind -> (column key or params, x label, log x)
     "speed": ("time_per_epoch_min", "Time/Epoch (min) → slower", False),
@@ -51,22 +50,20 @@ def metric_axis(ax, table: TaskTable, values: list[float]) -> None:
         ax.set_ylabel(f"{column.header}\n(higher is better)")
 
 
-def _trainable_params(results: dict[str, Any]) -> float | None:
-    value = (results.get("params") or {}).get("trainable_params")
+def _trainable_params(record: RunRecord) -> float | None:
+    value = record.params.trainable_params
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def scatter(table: TaskTable, kind: str, folder: Path) -> tuple[Path, Path]:
     """One point per config (mean, with ± std error bars over seeds), labelled, coloured by model."""
-    from peftlab.report import Column
-
     plt = _pyplot()
     key, xlabel, logx = SCATTERS[kind]
     xcol = (Column("trainable_params", "Trainable parameters", _trainable_params, str) if key == "trainable_params"
             else next(c for c in table.columns if c.key == key))
     ycol: Column = table.metric_column
-    models = sorted({g.first["model"]["name"] for g in table.groups})
-    methods = sorted({g.first["method"]["name"] for g in table.groups})
+    models = sorted({str(g.first.model.name) for g in table.groups})
+    methods = sorted({str(g.first.method.name) for g in table.groups})
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     ys = []
     for group in table.groups:
@@ -74,8 +71,8 @@ def scatter(table: TaskTable, kind: str, folder: Path) -> tuple[Path, Path]:
         if x is None or y is None:
             continue
         ys.append(y)
-        color = f"C{models.index(group.first['model']['name']) % 10}"
-        marker = MARKERS[methods.index(group.first["method"]["name"]) % len(MARKERS)]
+        color = f"C{models.index(str(group.first.model.name)) % 10}"
+        marker = MARKERS[methods.index(str(group.first.method.name)) % len(MARKERS)]
         ax.errorbar([x], [y], xerr=[xs] if xs else None, yerr=[ysd] if ysd else None, fmt=marker, color=color,
                     markersize=7, capsize=3)
         ax.annotate(group.label(table.several_models), (x, y), textcoords="offset points", xytext=(6, 5),

@@ -1,4 +1,4 @@
-"""The sweep file -> planned runs: parse ``base``/``grid``/``grids``, expand the product, give each run a stable
+"""The sweep file -> its runs: parse ``base``/``grid``/``grids``, expand the product, give each run a stable
 readable id, and validate every RunConfig before anything runs. The syntax is described in :mod:`peftlab.sweep`."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 @dataclass(frozen=True)
-class PlannedRun:
-    """One expanded run: its id, the fields the sweep file sets for it, and the validated config."""
+class SweepRun:
+    """One expanded run of a sweep: its id, the fields the sweep file sets for it, and the validated config."""
 
     id: str
     fields: dict[str, Any]
@@ -42,7 +42,7 @@ class SweepSpec:
     path: Path
     name: str
     description: str
-    runs: list[PlannedRun]
+    runs: list[SweepRun]
     fingerprint: str
 
 
@@ -144,7 +144,7 @@ def _drop_inapplicable_method_fields(base: dict[str, Any], grid_fields: dict[str
     from peftlab.methods import METHOD_FIELDS, METHODS
 
     method = grid_fields.get("method", base.get("method", RunConfig.model_fields["method"].default))
-    if method not in METHODS:
+    if method not in METHODS:  # an unknown method: RunConfig's validation names it
         return dict(base)
     takes = METHODS[method].field_names()
     return {k: v for k, v in base.items() if k not in METHOD_FIELDS or k in takes}
@@ -190,7 +190,7 @@ def _expand(data: dict[str, Any], source: str) -> list[tuple[str, dict[str, Any]
     return out
 
 
-def fingerprint(runs: list[PlannedRun]) -> str:
+def fingerprint(runs: list[SweepRun]) -> str:
     """A hash of every run's id and the (validated) fields the sweep sets for it."""
     blob = json.dumps([[r.id, r.fields] for r in runs], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -219,6 +219,6 @@ def load_sweep(path: str | Path) -> SweepSpec:
         seen[run_id] = i
         cfg = build_config(fields, f"{source} (run {run_id})")
         dumped = cfg.model_dump(mode="json")
-        runs.append(PlannedRun(run_id, {k: dumped[k] for k in fields}, cfg))
+        runs.append(SweepRun(run_id, {k: dumped[k] for k in fields}, cfg))
     return SweepSpec(path, str(data.get("name") or path.stem), str(data.get("description") or ""), runs,
                      fingerprint(runs))

@@ -1,30 +1,4 @@
-"""Sweeps: a YAML grid of runs, each run in its own process, recorded in a SQLite store.
-
-A sweep file::
-
-    name: my-study                 # optional: shown in the report
-    base:                          # RunConfig fields shared by every run
-      model: smollm2-135m
-      train_subset: 64
-    grid:                          # axes; the runs are the cartesian product of the axes, in this order
-      task: [clm]                  # a plain axis: a config field and a list of values
-      shape:                       # a coupled axis: any other name and a list of mappings; each mapping sets
-        - {id: full, method: full} #   several fields together (an optional `id` names it in the run ids)
-        - {method: lora, r: 8, alpha: 16}
-      seed: [1, 2]
-
-expands to ``clm-full-seed1``, ``clm-full-seed2``, ``clm-lora-r8-a16-seed1``, ... Instead of ``grid:`` a file may
-give ``grids:``, a list of parts ``{id, base, grid}``: the runs are the union of each part's runs, a part's ``base``
-is merged over the top-level one, and its ``id`` starts its run ids (YAML anchors share a list between parts).
-
-Method fields (r, alpha, dropout, target_modules...) set in a ``base`` apply only to runs whose method takes them,
-so ``full`` runs can share a base with LoRA runs; set in the grid, they must apply. The sweep owns ``output_dir``
-(``DIR/runs/<id>``), ``overwrite`` and ``resume``.
-
-Every run is expanded and validated before anything starts. Re-running a sweep skips done runs, redoes runs that
-were queued or interrupted, and redoes failed runs only with ``retry_failed`` (a failure is usually the same on the
-next try: fix the cause, then pass ``--retry-failed``). A store written by a different sweep definition is refused.
-"""
+"""Running a sweep: each pending run in its own process, recorded in the store; the dry-run preview; estimates."""
 
 from __future__ import annotations
 
@@ -46,16 +20,13 @@ import yaml
 
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
-from peftlab.record import FAILED_FILE, RESULTS_FILE
-from peftlab.sweep_spec import PlannedRun, SweepSpec, load_sweep
-from peftlab.sweep_store import SweepStore, now_iso
-
-__all__ = ["PlannedRun", "SweepSpec", "load_sweep", "plan_sweep", "run_sweep"]
+from peftlab.record import FAILED_FILE, RESULTS_FILE, FailedRecord, RunRecord
+from peftlab.sweep.spec import SweepRun, SweepSpec, load_sweep
+from peftlab.sweep.store import SweepStore, now_iso
 
 #: Rough estimate when no similar run has finished yet: overhead (load + evaluation) plus training tokens at an
-#: assumed speed. Tokens per example: block_size (clm), min(max_length, 64) (classification), min(max_length,
-#: 192) (instruction); examples: max_steps x batch, else train_subset, else the dataset's known size. Unknown
-#: models: 20 tokens/s on CPU, 2000 on CUDA.
+#: assumed speed. Tokens per example: the task's ``tokens_per_example(cfg)``; examples: max_steps x batch, else
+#: train_subset, else the dataset's known size. Unknown models: 20 tokens/s on CPU, 2000 on CUDA.
 ROUGH_OVERHEAD_S = 30.0
 ROUGH_TOKENS_PER_S = {"tiny-llama": 400.0, "tiny-mistral": 400.0, "smollm2-135m": 200.0, "minilm-l6": 1500.0}
 #: Training-set sizes of the named datasets (hub copies), for rough estimates of runs without a subset.
@@ -93,8 +64,9 @@ def run_dir(out: Path, run_id: str) -> Path:
 def rough_seconds(cfg: RunConfig) -> float | None:
     """A rough run time from the config alone (see ROUGH_* and KNOWN_TRAIN_SIZE); None when the training size is
     unknown."""
-    per_example = {"clm": cfg.block_size, "classification": min(cfg.max_length, 64)}.get(
-        cfg.task, min(cfg.max_length, 192))
+    from peftlab.tasks import TASKS
+
+    per_example = TASKS[cfg.task].tokens_per_example(cfg)
     if cfg.max_steps:
         tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * per_example
     elif cfg.train_subset:
@@ -133,13 +105,13 @@ def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float]
 def _finished_times(store: SweepStore | None) -> list[tuple[dict[str, Any], float]]:
     if store is None:
         return []
-    return [(r.results["config"], r.wall_s) for r in store.rows()
+    return [(r.record().config, r.wall_s) for r in store.rows()
             if r.status == "done" and r.results and r.wall_s is not None]
 
 
 # --- dry run ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PlanLine:
+class PreviewLine:
     """One run in a dry-run listing."""
 
     id: str
@@ -151,15 +123,15 @@ class PlanLine:
 
 
 @dataclass(frozen=True)
-class SweepPlan:
-    """What a sweep would do now."""
+class SweepPreview:
+    """What a sweep would do now (``peftlab sweep --dry-run``)."""
 
     spec: SweepSpec
     output_dir: Path
-    lines: list[PlanLine]
+    lines: list[PreviewLine]
 
     @property
-    def to_run(self) -> list[PlanLine]:
+    def to_run(self) -> list[PreviewLine]:
         return [line for line in self.lines if line.action == "run"]
 
     @property
@@ -175,7 +147,7 @@ def _todo(status: str, retry_failed: bool) -> bool:
     return status in ("new", "queued", "running", "interrupted") or (status == "failed" and retry_failed)
 
 
-def plan_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False) -> SweepPlan:
+def preview_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False) -> SweepPreview:
     """Expand and validate the sweep and say what a run would do, writing nothing."""
     spec = load_sweep(sweep_file)
     out = Path(output_dir)
@@ -192,13 +164,13 @@ def plan_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: boo
             st = status.get(run.id, "new")
             if _todo(st, retry_failed):
                 seconds, kind = estimate_seconds(run.config, finished)
-                lines.append(PlanLine(run.id, st, "run", seconds, kind, run.fields))
+                lines.append(PreviewLine(run.id, st, "run", seconds, kind, run.fields))
             else:
-                lines.append(PlanLine(run.id, st, "skip", None, "done", run.fields))
+                lines.append(PreviewLine(run.id, st, "skip", None, "done", run.fields))
     finally:
         if store is not None:
             store.close()
-    return SweepPlan(spec, out, lines)
+    return SweepPreview(spec, out, lines)
 
 
 # --- running --------------------------------------------------------------------------------------------------
@@ -290,14 +262,9 @@ def output_tail(log: Path, lines: int = 20) -> str:
 
 def failure_message(rdir: Path, returncode: int, tail: str) -> str:
     """The error of a failed run: failed.json's error, else the signal, else the last error line of its output."""
-    failed = rdir / FAILED_FILE
-    if failed.is_file():
-        try:
-            error = json.loads(failed.read_text(encoding="utf-8")).get("error")
-        except (OSError, ValueError):
-            error = None
-        if error:
-            return str(error)
+    failed = FailedRecord.read(rdir)
+    if failed is not None and failed.error:
+        return failed.error
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else \
             f"signal {-returncode}"
@@ -313,32 +280,26 @@ def failure_message(rdir: Path, returncode: int, tail: str) -> str:
     return f"exited with code {returncode}" + (f": {lines[-1].strip()}" if lines else " and no output")
 
 
-def headline(results: dict[str, Any]) -> str:
+def headline(record: RunRecord) -> str:
     """'perplexity 17.31' for a progress line."""
-    metric = results.get("task", {}).get("metric")
-    value = ((results.get("metrics") or {}).get("after") or {}).get(metric)
-    return f"{metric} {value:.4g}" if isinstance(value, int | float) else ""
+    value = record.headline()
+    return f"{record.task.metric} {value:.4g}" if value is not None else ""
 
 
-def _adoptable(rdir: Path, run: PlannedRun) -> dict[str, Any] | None:
-    """results.json of an interrupted run that actually finished with this run's config, else None."""
+def _adoptable(rdir: Path, run: SweepRun) -> RunRecord | None:
+    """The record of an interrupted run that actually finished with this run's config, else None."""
     from peftlab.config import defining_fields
 
-    path = rdir / RESULTS_FILE
-    if not path.is_file():
-        return None
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = RunRecord.read_if_valid(rdir)
+    if record is None:
         return None
     expected = run.config.model_dump(mode="json")
-    config = results.get("config") or {}
-    if results.get("status") == "done" and defining_fields(config) == defining_fields(expected):
-        return results
+    if record.status == "done" and defining_fields(record.config) == defining_fields(expected):
+        return record
     return None
 
 
-def _write_run_config(out: Path, run: PlannedRun) -> Path:
+def _write_run_config(out: Path, run: SweepRun) -> Path:
     from peftlab.record import atomic_write_text
 
     path = out / "configs" / f"{run.id}.yaml"
@@ -354,7 +315,7 @@ def run_command(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "peftlab", "train", "--config", str(config_path)]
 
 
-def _execute(out: Path, run: PlannedRun, store: SweepStore) -> tuple[str, str, float]:
+def _execute(out: Path, run: SweepRun, store: SweepStore) -> tuple[str, str, float]:
     """Run one config in its own process and record the result. Returns (status, detail, wall seconds)."""
     rdir = run_dir(out, run.id)
     for name in (RESULTS_FILE, FAILED_FILE):
@@ -382,9 +343,13 @@ def _execute(out: Path, run: PlannedRun, store: SweepStore) -> tuple[str, str, f
     wall = time.monotonic() - start
     tail = output_tail(log)
     if code == 0 and (rdir / RESULTS_FILE).is_file():
-        results = json.loads((rdir / RESULTS_FILE).read_text(encoding="utf-8"))
-        store.mark_done(run.id, results, wall, code)
-        return "done", headline(results), wall
+        try:
+            record = RunRecord.read(rdir)
+        except UserError as exc:  # cut short or unreadable: the run failed, say why
+            store.mark_failed(run.id, str(exc), wall, code, tail)
+            return "failed", str(exc), wall
+        store.mark_done(run.id, record, wall, code)
+        return "done", headline(record), wall
     error = failure_message(rdir, code, tail) if code != 0 else "exited with code 0 but wrote no results.json"
     store.mark_failed(run.id, error, wall, code, tail)
     return "failed", error, wall
@@ -475,18 +440,51 @@ def format_progress(p: Progress) -> str:
     return f"sweep finished in {format_duration(p.elapsed_s)}: {p.done} done, {p.failed} failed of {p.total}"
 
 
-def format_plan(plan: SweepPlan) -> str:
+#: tqdm's own {remaining} is left out: the postfix carries the sweep's estimate instead.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs [{elapsed}{postfix}]"
+
+
+class ProgressBar:
+    """``on_progress`` for the CLI: one tqdm bar over the runs to do (on stderr), whose ETA is the sweep's own
+    estimate (measured times of similar finished runs, else the rough one) rather than tqdm's rate, with each
+    progress line printed above it (on stdout)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, p: Progress) -> None:
+        from tqdm.auto import tqdm
+
+        if p.event == "sweep_start":
+            self.bar = tqdm(total=p.left, desc="sweep", unit="run", dynamic_ncols=True, file=sys.stderr,
+                            disable=not self.enabled, bar_format=BAR_FORMAT)
+        line = format_progress(p)
+        if self.bar is None:
+            print(line, flush=True)
+            return
+        if p.event == "run_end":
+            self.bar.update(1)
+        self.bar.set_postfix_str(f"ETA {format_duration(p.eta_s)}", refresh=True)
+        self.bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+        if p.event == "sweep_end":
+            self.bar.close()
+            self.bar = None
+
+
+def format_preview(preview: SweepPreview) -> str:
     """The dry-run listing: each run, its status and estimate, then the total."""
-    width = max(len(line.id) for line in plan.lines)
-    rows = [f"sweep {plan.spec.name!r}: {len(plan.lines)} runs, fingerprint {plan.spec.fingerprint}, "
-            f"output {plan.output_dir}"]
-    for line in plan.lines:
+    width = max(len(line.id) for line in preview.lines)
+    rows = [f"sweep {preview.spec.name!r}: {len(preview.lines)} runs, fingerprint {preview.spec.fingerprint}, "
+            f"output {preview.output_dir}"]
+    for line in preview.lines:
         est = (f"~{format_duration(line.estimate_s)} ({line.estimate_kind})" if line.action == "run" else "")
         rows.append(f"  {line.id:<{width}}  {line.status:<11}  {line.action:<4}  {est}".rstrip())
-    known = len(plan.to_run) - plan.unknown_estimates
-    estimate = f"estimated {format_duration(plan.estimate_s)}" if known else "no estimate"
-    if plan.unknown_estimates:
-        estimate += (f"{' + ' if known else ''} {plan.unknown_estimates} run(s) with unknown training size (set "
+    known = len(preview.to_run) - preview.unknown_estimates
+    estimate = f"estimated {format_duration(preview.estimate_s)}" if known else "no estimate"
+    if preview.unknown_estimates:
+        estimate += (f"{' + ' if known else ''} {preview.unknown_estimates} run(s) with unknown training size (set "
                      "train_subset or max_steps)").replace("  ", " ")
-    rows.append(f"{len(plan.to_run)} to run, {len(plan.lines) - len(plan.to_run)} to skip; {estimate}")
+    rows.append(f"{len(preview.to_run)} to run, {len(preview.lines) - len(preview.to_run)} to skip; {estimate}")
     return "\n".join(rows)

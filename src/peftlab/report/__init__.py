@@ -1,0 +1,57 @@
+"""`peftlab report`: per-task tables in the seed's layout, plots and a self-contained HTML page, from a sweep's store.
+
+``tables`` is the model (what the report says), ``markdown``, ``plots`` and ``html`` render it; each imports only
+``tables``, and :func:`write_report` here is the one place that writes the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftlab.record import atomic_write_text
+from peftlab.report.markdown import markdown_table, render_markdown
+from peftlab.report.tables import build_tables, read_sweep
+
+__all__ = ["ReportFiles", "build_tables", "markdown_table", "read_sweep", "write_report"]
+
+
+@dataclass
+class ReportFiles:
+    """The files a report wrote."""
+
+    folder: Path
+    markdown: Path
+    html: Path
+    tables: list[Path]
+    plots: list[Path]
+
+    def summary_lines(self) -> list[tuple[str, str]]:
+        """(what, path) pairs for the CLI."""
+        return ([("report", str(self.markdown)), ("html", str(self.html))]
+                + [("table", str(p)) for p in self.tables]
+                + [("plot", str(p)) for p in self.plots if p.suffix == ".png"])
+
+
+def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) -> ReportFiles:
+    """Write report.md, report.html, tables/<task>.md and plots/*.png|svg for a sweep folder."""
+    from peftlab.report.html import render_html  # matplotlib and yaml only when a report is written
+    from peftlab.report.plots import plot_table
+
+    records = read_sweep(sweep_dir)
+    out = Path(output_dir) if output_dir else records.folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(records.finished)
+    table_files, plots = [], {}
+    for table in tables:
+        path = out / "tables" / f"{table.slug}.md"
+        atomic_write_text(path, f"### {table.title}\n\n{markdown_table(table)}\n\n"
+                          + "\n".join(f"- {n}" for n in table.notes) + "\n")
+        table_files.append(path)
+        plots[table.slug] = plot_table(table, out / "plots")
+    md = out / "report.md"
+    atomic_write_text(md, render_markdown(records, tables, plots, out))
+    html_path = out / "report.html"
+    atomic_write_text(html_path, render_html(records, tables, plots))
+    return ReportFiles(out, md, html_path, table_files,
+                       [p for kinds in plots.values() for pair in kinds.values() for p in pair])
