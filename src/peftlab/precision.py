@@ -1,0 +1,113 @@
+"""Training precision: what each ``--precision`` means, and what ``auto`` picks on this machine.
+
+* ``fp32``: every weight, activation and optimizer state in float32.
+* ``bf16-mixed``: matmuls in bfloat16; trainable weights and optimizer states stay float32. PEFT methods keep the
+  frozen base in bf16 (half its memory); full fine-tuning keeps fp32 master weights under autocast.
+* ``bf16-true``: every weight and optimizer state in bfloat16 (as torchtune does).
+* ``auto``: ``bf16-mixed`` on a CUDA device with bf16 support and on a CPU with native bf16 instructions
+  (AVX512-BF16 or AMX), ``fp32`` elsewhere.
+
+The detection is a pure function of the CPU's flags and the CUDA device's answer, so it is tested for both kinds of
+machine; :func:`detect` reads them from this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftlab.errors import UserError
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-true", "auto")
+#: CPU flags (as /proc/cpuinfo spells them) that give native bf16 matrix instructions.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: The old ``--dtype`` spellings, as precisions.
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16-true", "auto": "auto"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the training device can do in bf16."""
+
+    device: str  # "cpu" | "cuda"
+    cpu_flags: frozenset[str] = frozenset()
+    cuda_bf16: bool = False
+    cuda_name: str | None = None
+
+    @property
+    def native_bf16(self) -> str | None:
+        """The reason bf16 is native here (a CPU flag or the CUDA device), or None when it is emulated."""
+        if self.device == "cuda":
+            return f"CUDA device {self.cuda_name or ''} supports bf16".replace("  ", " ") if self.cuda_bf16 else None
+        return next((f"CPU has {flag}" for flag in NATIVE_BF16_FLAGS if flag in self.cpu_flags), None)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision and why it was chosen (recorded in results.json)."""
+
+    name: str  # fp32 | bf16-mixed | bf16-true
+    requested: str
+    reason: str
+    emulated: bool = False  # bf16 on a CPU without native bf16: works, but slower than fp32
+
+    @property
+    def is_bf16(self) -> bool:
+        return self.name != "fp32"
+
+    def warning(self) -> str | None:
+        """A one-line warning for an explicit bf16 run on a CPU that emulates bf16."""
+        if not self.emulated:
+            return None
+        return (f"precision {self.name}: this CPU has no native bf16 ({' or '.join(NATIVE_BF16_FLAGS)}), so bf16 is "
+                "emulated and slower than fp32; use --precision fp32 (or auto) here")
+
+
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of the first processor in a /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve(requested: str, caps: Capabilities) -> Precision:
+    """The precision a run uses, for a requested one (``auto`` or explicit) on a device with these capabilities."""
+    if requested not in PRECISIONS:
+        raise UserError(f"precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    native = caps.native_bf16
+    if requested == "auto":
+        if native:
+            return Precision("bf16-mixed", requested, f"auto: {native}")
+        where = "CUDA device has no bf16" if caps.device == "cuda" else "CPU has no native bf16"
+        return Precision("fp32", requested, f"auto: {where}")
+    if requested == "fp32":
+        return Precision("fp32", requested, "requested")
+    if caps.device == "cuda" and not caps.cuda_bf16:
+        raise UserError(f"precision {requested}: this CUDA device does not support bf16; use --precision fp32")
+    return Precision(requested, requested, "requested" + (f" ({native})" if native else ""),
+                     emulated=caps.device == "cpu" and native is None)
+
+
+def from_dtype(dtype: str) -> str:
+    """The precision for an old ``--dtype`` value (kept as an alias)."""
+    try:
+        return DTYPE_ALIASES[dtype]
+    except KeyError:
+        raise UserError(f"dtype {dtype!r}: use --precision with one of {', '.join(PRECISIONS)} "
+                        f"(--dtype takes {', '.join(DTYPE_ALIASES)})") from None
+
+
+def detect(device: str, cpuinfo_path: str | Path = "/proc/cpuinfo") -> Capabilities:
+    """This machine's capabilities for a device type ("cpu" or "cuda")."""
+    if device == "cuda":
+        import torch
+
+        return Capabilities("cuda", cuda_bf16=bool(torch.cuda.is_bf16_supported()),
+                            cuda_name=torch.cuda.get_device_name(0))
+    try:
+        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:  # no /proc (macOS, Windows): no flags, so fp32 under auto
+        text = ""
+    return Capabilities("cpu", cpu_flags=parse_cpu_flags(text))
