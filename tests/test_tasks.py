@@ -13,7 +13,7 @@ import torch
 from peftlab.configure import load_config
 from peftlab.errors import UserError
 from peftlab.tasks import TASKS, MetricSpec, get_task
-from peftlab.tasks.common import eval_mode, require_columns, row_name, split_info
+from peftlab.tasks.common import eval_mode, require_columns, split_info
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -108,7 +108,7 @@ def test_require_columns_and_row_names() -> None:
     with pytest.raises(UserError, match=r"train\.csv: no column 'text'; the columns are sentence, label\. "
                                         r"Set --text-column"):
         require_columns(split, {"text": "Set --text-column"})
-    assert row_name(split, 1) == "row 2 (line 3)"
+    assert split.row_name(1) == "row 2 (line 3)"
     assert split_info(split, "blocks", 3, 5) == {"source": "file:/x/train.csv", "split": "train",
                                                  "fingerprint": "f", "blocks_used": 3, "blocks_total": 5}
 

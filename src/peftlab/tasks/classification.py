@@ -29,7 +29,6 @@ from peftlab.tasks.common import (
     model_device,
     read_splits,
     require_columns,
-    row_name,
     split_info,
 )
 
@@ -39,7 +38,7 @@ LabelKey = int | str
 def label_key(value: Any, split: DataSplit, index: int, column: str) -> LabelKey:
     """A label as a sortable key: integers (also '3' and 3.0) as int, other text stripped."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise UserError(f"{split.source}: {row_name(split, index)} has no label in column {column!r}; fill it or "
+        raise UserError(f"{split.source}: {split.row_name(index)} has no label in column {column!r}; fill it or "
                         "remove the row")
     if isinstance(value, bool):
         return str(value)
@@ -47,7 +46,7 @@ def label_key(value: Any, split: DataSplit, index: int, column: str) -> LabelKey
         return value
     if isinstance(value, float):
         if not value.is_integer():
-            raise UserError(f"{split.source}: {row_name(split, index)} has label {value!r} in column {column!r}; "
+            raise UserError(f"{split.source}: {split.row_name(index)} has label {value!r} in column {column!r}; "
                             "classification needs discrete labels (integers or names)")
         return int(value)
     text = str(value).strip()
@@ -66,7 +65,7 @@ def text_of(record: dict[str, Any], column: str, split: DataSplit, index: int) -
     """The non-empty text of a record's column."""
     value = record.get(column)
     if value is None or not str(value).strip():
-        raise UserError(f"{split.source}: {row_name(split, index)} has an empty text in column {column!r}; fill it "
+        raise UserError(f"{split.source}: {split.row_name(index)} has an empty text in column {column!r}; fill it "
                         "or remove the row")
     return str(value)
 
@@ -149,7 +148,7 @@ class ClassificationTask(Task):
         unseen = [k for k in dict.fromkeys(eval_keys) if k not in known]
         if unseen:
             first = eval_keys.index(unseen[0])
-            raise UserError(f"{splits.eval.source}: label {unseen[0]!r} ({row_name(splits.eval, first)}"
+            raise UserError(f"{splits.eval.source}: label {unseen[0]!r} ({splits.eval.row_name(first)}"
                             f"{f' and {len(unseen) - 1} more' if len(unseen) > 1 else ''}) is not in the "
                             f"training split {splits.train.source}, whose labels are "
                             f"{', '.join(label_names)}; remove those rows or add training examples")

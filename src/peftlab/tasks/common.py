@@ -34,11 +34,6 @@ def require_columns(split: DataSplit, columns: dict[str, str]) -> None:
             raise UserError(f"{split.source}: no column {column!r}; the columns are {', '.join(have)}. {fix}")
 
 
-def row_name(split: DataSplit, index: int) -> str:
-    """'row N' of a split (1-based), plus its line number for csv/tsv files (the split knows its first line)."""
-    return split.row_name(index)
-
-
 def split_info(split: DataSplit, unit: str, used: int, total: int | None) -> dict[str, Any]:
     """One split's part of the info block: where it came from and how much of it was used."""
     return {"source": split.source, "split": split.split, "fingerprint": split.fingerprint,

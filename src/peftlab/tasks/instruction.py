@@ -49,7 +49,6 @@ from peftlab.tasks.common import (
     progress,
     read_splits,
     require_columns,
-    row_name,
     split_info,
 )
 
@@ -71,7 +70,7 @@ def parse_alpaca(record: dict[str, Any], split: DataSplit, index: int) -> Exampl
     A record without an ``output`` (absent or null) is an error; an output that is present but blank (the
     public alpaca-libre train split has five) has nothing to learn and is skipped, and the run notes it.
     """
-    where = f"{split.source}: {row_name(split, index)}"
+    where = f"{split.source}: {split.row_name(index)}"
     if record.get("output") is None:
         raise UserError(f"{where} is missing its 'output' (the response to learn); add it or remove the row")
     try:
@@ -87,7 +86,7 @@ def parse_alpaca(record: dict[str, Any], split: DataSplit, index: int) -> Exampl
 
 def parse_chat(record: dict[str, Any], split: DataSplit, index: int) -> Example:
     """A chat record: 'messages' with roles; the last message is the assistant's response to learn."""
-    where = f"{split.source}: {row_name(split, index)}"
+    where = f"{split.source}: {split.row_name(index)}"
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
