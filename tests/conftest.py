@@ -15,6 +15,15 @@ SHARED_DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", REPO.parent / "shared" / "
 os.environ["PEFTLAB_DATA_DIR"] = str(SHARED_DATA)
 
 
+@pytest.fixture(autouse=True)
+def auto_precision_is_fp32(monkeypatch):
+    """In-process, ``precision: auto`` resolves as on a CPU without native bf16 (fp32) on every host, so tests that
+    compare numbers do not depend on which CPU runs them; bf16 tests ask for their precision explicitly."""
+    from peftlab import precision
+
+    monkeypatch.setattr(precision, "detect", lambda device, cpuinfo_path=None: precision.Capabilities(device))
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The offline dataset mirror (../shared/datasets)."""

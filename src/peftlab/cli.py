@@ -41,11 +41,14 @@ COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--train-subset", "train_subset", int),
     ("--eval-subset", "eval_subset", int),
     ("--device", "device", str),
+    ("--precision", "precision", str),
     ("--dtype", "dtype", str),
     ("--save-every", "save_every", int),
     ("--max-grad-norm", "max_grad_norm", float),
     ("--report-to", "report_to", str),
 ]
+#: Flags kept for old commands: an alias of a field (configure.py maps them).
+ALIAS_HELP = {"dtype": "old name of --precision: float32 = fp32, bfloat16 = bf16-true, auto = auto"}
 FLAGS = [("--overwrite", "overwrite"), ("--trust-remote-code", "trust_remote_code"), ("--allow-pickle", "allow_pickle"),
          ("--gradient-checkpointing", "gradient_checkpointing")]
 
@@ -55,6 +58,8 @@ def field_help(name: str) -> str:
     from peftlab.config import RunConfig
     from peftlab.methods import METHODS, method_names
 
+    if name in ALIAS_HELP:
+        return ALIAS_HELP[name]
     info = RunConfig.model_fields.get(name)
     owners = ""
     if info is None:
@@ -159,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print data provenance too")
     _add_config_args(evaluate, ["model", "task", "dataset", "eval_dataset", "data_dir", "text_column",
                                 "text_pair_column", "label_column", "block_size", "max_length", "eval_subset",
-                                "batch_size", "device", "dtype", "trust_remote_code", "allow_pickle"])
+                                "batch_size", "device", "precision", "dtype", "trust_remote_code", "allow_pickle"])
     evaluate.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="print a completion for a prompt")
@@ -168,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--base-precision", choices=["auto", "4bit", "full"], default="auto")
-    _add_config_args(gen, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    _add_config_args(gen, ["model", "device", "precision", "dtype", "trust_remote_code", "allow_pickle"])
     gen.set_defaults(func=cmd_generate)
 
     _add_study_commands(sub)
@@ -223,9 +228,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.seed_table:
         rows = seed_table(device=args.device if args.device in ("cpu", "cuda") else "cuda",
-                                  dtype=args.dtype if args.dtype not in (None, "auto") else "bfloat16",
-                                  batch_size=args.batch_size or 4, seq_len=args.block_size or 128,
-                                  grad_accum=args.grad_accum or 8)
+                          precision=args.precision if args.precision not in (None, "auto") else "bf16-mixed",
+                          batch_size=args.batch_size or 4, seq_len=args.block_size or 128,
+                          grad_accum=args.grad_accum or 8)
         print(json.dumps([dict(r, plan=r["plan"].as_dict()) for r in rows], indent=2) if args.json
               else format_seed_table(rows))
         return 0
@@ -259,14 +264,14 @@ def _add_memory_commands(sub: Any) -> None:
                       help="CPU: measure this machine's bare `import torch, transformers, peft` RSS for the runtime")
     plan.add_argument("--json", action="store_true", help="print JSON")
     _add_config_args(plan, ["model", "task", "method", "r", "alpha", "dropout", "target_modules", "block_size",
-                            "max_length", "batch_size", "grad_accum", "device", "dtype", "gradient_checkpointing"])
+                            "max_length", "batch_size", "grad_accum", "device", "precision", "dtype", "gradient_checkpointing"])
     plan.set_defaults(func=cmd_plan)
     merge = sub.add_parser("merge", help="fold a LoRA/IA3 adapter into its base and save a plain HF model")
     merge.add_argument("--adapter", required=True, help="a run's adapter/ folder")
     merge.add_argument("--output-dir", required=True, help="where to save the merged model")
     merge.add_argument("--overwrite", action="store_true", help="replace a model already in --output-dir")
     merge.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    _add_config_args(merge, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    _add_config_args(merge, ["model", "device", "precision", "dtype", "trust_remote_code", "allow_pickle"])
     merge.set_defaults(func=cmd_merge)
 
 

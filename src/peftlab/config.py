@@ -20,7 +20,7 @@ from peftlab.errors import UserError
 #: method field (every method field defines a run: see :func:`defining_fields`), cannot be resumed by this config;
 #: every other field (logging, eval cadence...) may differ.
 RUN_DEFINING_FIELDS = (
-    "model", "revision", "dtype", "task", "dataset", "eval_dataset", "text_column", "text_pair_column",
+    "model", "revision", "precision", "task", "dataset", "eval_dataset", "text_column", "text_pair_column",
     "label_column", "block_size", "max_length", "train_subset", "method", "lr", "epochs", "max_steps",
     "batch_size", "grad_accum", "warmup_ratio", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm",
     "seed", "prompt_template", "packing", "gradient_checkpointing",
@@ -40,8 +40,9 @@ class RunConfig(BaseModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you trust it.")
     allow_pickle: bool = Field(False, description="Allow pickle-based .bin/.pt weights (unsafe: can run code).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights/compute dtype. auto = float32 on CPU, bfloat16 on CUDA.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
+        "auto", description="fp32 | bf16-mixed (bf16 matmuls, fp32 trainable weights and optimizer states) | "
+        "bf16-true (everything bf16) | auto (bf16-mixed on CUDA with bf16 and on CPUs with native bf16, else fp32).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
 
     # --- task and data -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ fields, which RunConfig then carries as extras (``cfg.r``, ``cfg.method_fields()
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ from pydantic import ValidationError
 from peftlab.config import RunConfig, field_default, read_yaml, run_field_names, validation_messages
 from peftlab.errors import UserError
 from peftlab.methods import METHODS, all_method_fields, get_method, method_names
+
+#: The source name of stored configs (results.json, a run's config.yaml): no alias notes for those.
+SAVED_SOURCE = "saved config"
 
 #: Common spellings of a field from other tools, pointed at ours.
 SYNONYMS = {"rank": "r", "lora_r": "r", "learning_rate": "lr", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -44,9 +48,10 @@ def build_config(data: dict[str, Any], source: str = "command line") -> RunConfi
     from peftlab.tasks import TASKS
 
     run_names = set(run_field_names())
+    problems: list[str] = []
+    data = precision_from_dtype(data, source, problems)
     run_data = {k: v for k, v in data.items() if k in run_names}
     other = {k: v for k, v in data.items() if k not in run_names}
-    problems: list[str] = []
 
     task = run_data.get("task", field_default("task"))
     if task not in TASKS:
@@ -85,6 +90,30 @@ def build_config(data: dict[str, Any], source: str = "command line") -> RunConfi
     return cfg
 
 
+def precision_from_dtype(data: dict[str, Any], source: str, problems: list[str]) -> dict[str, Any]:
+    """``dtype`` (the old field) as an alias of ``precision``: mapped with a note, or a problem if it conflicts."""
+    if "dtype" not in data:
+        return data
+    from peftlab.precision import from_dtype
+
+    data = dict(data)
+    dtype = data.pop("dtype")
+    try:
+        precision = from_dtype(str(dtype))
+    except UserError as exc:
+        problems.append(f"field 'dtype': {exc}")
+        return data
+    given = data.get("precision")
+    if given is not None and given != precision:
+        problems.append(f"fields 'dtype' ({dtype}) and 'precision' ({given}) disagree; drop dtype, which is an "
+                        "alias of precision")
+        return data
+    data["precision"] = precision
+    if source != SAVED_SOURCE:
+        print(f"note: dtype={dtype} is an alias of precision={precision}; use --precision", file=sys.stderr)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Merge a YAML file and overrides (overrides win; None means "not given") into a validated RunConfig."""
     data: dict[str, Any] = read_yaml(path) if path else {}
@@ -97,10 +126,13 @@ def method_field_default(method: str, name: str) -> Any:
     return get_method(method).fields.model_fields[name].get_default(call_default_factory=True)
 
 
-def config_from_saved(config: dict[str, Any], source: str = "saved config") -> RunConfig:
+def config_from_saved(config: dict[str, Any], source: str = SAVED_SOURCE) -> RunConfig:
     """A RunConfig from a stored config (results.json "config", a run's config.yaml), of today's schema or an older
     one that stored every method's fields: fields its method does not take, and nulls, are dropped."""
     method = config.get("method", field_default("method"))
     takes = get_method(method).field_names() if method in METHODS else frozenset()
     foreign = all_method_fields() - takes - set(run_field_names())
-    return build_config({k: v for k, v in config.items() if v is not None and k not in foreign}, source)
+    kept = {k: v for k, v in config.items() if v is not None and k not in foreign}
+    if "dtype" in kept:  # schema 1 and 2 records stored dtype, today's alias of precision
+        kept = precision_from_dtype(kept, SAVED_SOURCE, [])
+    return build_config(kept, source)

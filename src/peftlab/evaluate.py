@@ -11,10 +11,11 @@ import yaml
 from torch import nn
 
 from peftlab.config import RunConfig
-from peftlab.configure import build_config, load_config
+from peftlab.configure import SAVED_SOURCE, build_config, load_config, precision_from_dtype
 from peftlab.errors import UserError
 from peftlab.methods import METHODS, get_method
 from peftlab.models import LoadedModel, load_model
+from peftlab.precision import compute_context
 from peftlab.tasks import get_task
 
 
@@ -28,14 +29,14 @@ def run_config_of(adapter: str | Path) -> dict[str, Any]:
 
 EVAL_INHERITED = ("model", "task", "dataset", "eval_dataset", "eval_split", "text_column", "text_pair_column",
                   "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "max_new_tokens",
-                  "generation_subset", "dtype", "trust_remote_code",
+                  "generation_subset", "precision", "dtype", "trust_remote_code",
                   "eval_batch_size", "batch_size", "data_dir", "chunked_ce", "threads")
 
 
 def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
     """Config for evaluating: the adapter's run config (data and model fields) under the given overrides."""
     run = run_config_of(adapter) if adapter else {}
-    base = {k: v for k, v in run.items() if k in EVAL_INHERITED}
+    base = precision_from_dtype({k: v for k, v in run.items() if k in EVAL_INHERITED}, SAVED_SOURCE, [])
     method = run.get("method")
     if method is not None and get_method(method).quantizes_base:  # for evaluation only a 4-bit base matters
         base.update({k: v for k, v in run.items() if k == "method" or k in get_method(method).field_names()})
@@ -103,8 +104,10 @@ def run_eval(overrides: dict[str, Any], adapter: str | None, base_precision: str
         check_recorded_labels(adapter, model_kwargs.get("label_names"))
     loaded, model = load_for_eval(cfg, adapter, base_precision, task.model_kind, **model_kwargs)
     data = task.prepare(raw, loaded.tokenizer, model)
-    metrics = task.evaluate(data, model, "eval").metrics
-    return {"model": cfg.model, "adapter": adapter, "task": cfg.task, "data": task.info(data), "metrics": metrics}
+    with compute_context(loaded.precision, loaded.device.type):  # the precision the run trained in
+        metrics = task.evaluate(data, model, "eval").metrics
+    return {"model": cfg.model, "adapter": adapter, "task": cfg.task, "precision": loaded.precision.name,
+            "data": task.info(data), "metrics": metrics}
 
 
 def run_generate(overrides: dict[str, Any], adapter: str | None, prompt: str, max_new_tokens: int,
@@ -120,4 +123,5 @@ def run_generate(overrides: dict[str, Any], adapter: str | None, prompt: str, ma
             raise UserError(f"--chat: model {cfg.model!r} has no chat template; drop --chat")
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    return generate_text(model, tok, prompt, max_new_tokens)
+    with compute_context(loaded.precision, loaded.device.type):
+        return generate_text(model, tok, prompt, max_new_tokens)

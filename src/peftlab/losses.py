@@ -69,20 +69,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
         need_weight_grad = weight.requires_grad
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # The matmuls run in compute_dtype (bf16 under bf16 autocast: the head is a large share of a small model's
+        # FLOPs); the softmax, the loss and the accumulated gradients stay fp32.
+        weight_c = weight.to(compute_dtype)
         for start in range(0, hidden.size(0), chunk):
-            h = hidden[start:start + chunk]
+            h = hidden[start:start + chunk].to(compute_dtype)
             y = labels[start:start + chunk]
             valid = y != IGNORE_INDEX
             if not bool(valid.any()):
                 continue
             safe_y = torch.where(valid, y, torch.zeros_like(y))
-            logits = _logits_buffer(h.size(0), weight.size(0), h.dtype, h.device)
-            torch.mm(h, weight.T, out=logits)
+            logits = _logits_buffer(h.size(0), weight.size(0), compute_dtype, h.device)
+            torch.mm(h, weight_c.T, out=logits)
             logits = logits.float()
             target = logits.gather(1, safe_y[:, None]).squeeze(1)
             # softmax in place: one [chunk, vocab] buffer, no separate log-softmax or exp tensors
@@ -95,8 +99,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             keep = valid[:, None].to(probs.dtype)
             probs.mul_(keep / row_sum)
             probs.scatter_add_(1, safe_y[:, None], -keep)
-            grad_logits = probs.to(hidden.dtype)
-            grad_hidden[start:start + chunk] = grad_logits @ weight
+            grad_logits = probs.to(compute_dtype)
+            grad_hidden[start:start + chunk] = grad_logits @ weight_c
             if need_weight_grad:
                 grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight if need_weight_grad else torch.empty(0))
@@ -107,7 +111,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         gw = (grad_weight * grad_out).to(grad_hidden.dtype) if ctx.need_weight_grad else None
-        return grad_hidden * grad_out.to(grad_hidden.dtype), gw, None, None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), gw, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -118,7 +122,12 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         return sum((F.cross_entropy((flat[i:i + chunk] @ weight.T).float(), flat_labels[i:i + chunk],
                                     ignore_index=IGNORE_INDEX, reduction="sum")
                     for i in range(0, flat.size(0), chunk)), torch.zeros((), device=hidden.device))
-    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), chunk)
+    device_type = hidden.device.type
+    compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else hidden.dtype)
+    with torch.autocast(device_type, enabled=False):  # forward casts explicitly to compute_dtype
+        return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
+                                                chunk, compute_dtype)
 
 
 def output_head(model: nn.Module) -> nn.Linear | None:

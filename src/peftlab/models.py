@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 from peftlab.errors import UserError
+from peftlab.precision import Precision, cast_frozen_matmuls, weight_dtype
+from peftlab.precision import for_device as precision_for_device
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TINY_PRESETS = ("tiny-llama", "tiny-mistral")
 ALIASES = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
 
@@ -141,11 +143,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is float32 on CPU and bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
+def resolve_precision(cfg, device: torch.device) -> Precision:
+    """The run's precision on this device (``auto`` decided by the device's bf16 support), warning once when an
+    explicit bf16 precision is emulated on this CPU."""
+    resolved = precision_for_device(cfg.precision, device.type)
+    if resolved.warning() and resolved.warning() not in _WARNED:
+        _WARNED.add(resolved.warning())
+        print(f"warning: {resolved.warning()}", file=sys.stderr)
+    return resolved
+
+
+_WARNED: set[str] = set()
 
 
 def _check_weight_format(source: str, allow_pickle: bool) -> None:
@@ -192,7 +200,8 @@ class LoadedModel:
     tokenizer: object
     source: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the dtype weights were loaded in (bf16-mixed then casts a frozen base's matmul weights)
+    precision: Precision
     new_modules: list[str] = field(default_factory=list)
 
 
@@ -253,19 +262,25 @@ def release_freed_memory() -> None:
 
 
 def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
-               num_labels: int | None = None, label_names: list[str] | None = None) -> LoadedModel:
-    """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls)."""
+               num_labels: int | None = None, label_names: list[str] | None = None,
+               trainable_base: bool = False) -> LoadedModel:
+    """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls).
+
+    Weights are stored as the run's precision says (:mod:`peftlab.precision`); ``trainable_base`` (full
+    fine-tuning) keeps fp32 master weights under bf16-mixed, where a frozen base stores its matmul weights in bf16.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    precision = resolve_precision(cfg, device)
+    dtype = weight_dtype(precision)
     source = resolve_model_source(cfg.model)
     _check_weight_format(source, cfg.allow_pickle)
     tokenizer = load_tokenizer(source, cfg)
     kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
                         use_safetensors=None if cfg.allow_pickle else True)
     if quantize_4bit:
-        kwargs["quantization_config"] = quantization_config(cfg, dtype)
+        kwargs["quantization_config"] = quantization_config(cfg, torch.bfloat16 if precision.is_bf16 else dtype)
         # Under DDP each rank loads onto its own GPU (accelerate has set the current device to the local rank).
         if device.type == "cuda":
             kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
@@ -299,8 +314,10 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         detach_from_checkpoint_file(model)
     else:
         model.to(device)
+    if precision.name == "bf16-mixed" and not trainable_base:
+        cast_frozen_matmuls(model, keep=set(new_modules))
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
-                       new_modules=new_modules)
+                       precision=precision, new_modules=new_modules)
 
 
 def max_positions(model: nn.Module) -> int | None:

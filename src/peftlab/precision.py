@@ -111,3 +111,50 @@ def detect(device: str, cpuinfo_path: str | Path = "/proc/cpuinfo") -> Capabilit
     except OSError:  # no /proc (macOS, Windows): no flags, so fp32 under auto
         text = ""
     return Capabilities("cpu", cpu_flags=parse_cpu_flags(text))
+
+
+def for_device(requested: str, device_type: str) -> Precision:
+    """The precision a run uses on this machine's ``device_type`` ("cpu" or "cuda")."""
+    return resolve(requested, detect(device_type))
+
+
+def weight_dtype(precision: Precision):
+    """The dtype weights are loaded in: bf16 only under bf16-true (bf16-mixed casts frozen matmul weights after
+    loading, see :func:`cast_frozen_matmuls`)."""
+    import torch
+
+    return torch.bfloat16 if precision.name == "bf16-true" else torch.float32
+
+
+def cast_frozen_matmuls(model, keep: set[str] | frozenset[str] = frozenset()) -> int:
+    """bf16-mixed with a frozen base: store the base's linear weights in bf16; return how many were cast.
+
+    Autocast runs those matmuls in bf16 anyway, so storing them in bf16 computes the same and saves the per-step
+    casts and half their memory. Everything else stays fp32: embeddings (so the residual stream, the norms and the
+    loss stay fp32; bf16 element-wise work is slow on CPUs), a linear head tied to the embeddings, and the modules
+    in ``keep`` (newly initialised heads, which are trained).
+    """
+    import torch
+    from torch import nn
+
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    cast = 0
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or module.weight is embedding:
+            continue
+        if any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in keep):
+            continue
+        module.to(torch.bfloat16)
+        cast += 1
+    return cast
+
+
+def compute_context(precision: Precision, device_type: str):
+    """The context a forward pass runs in: bf16 autocast under bf16-mixed, nothing otherwise."""
+    from contextlib import nullcontext
+
+    import torch
+
+    if precision.name == "bf16-mixed":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return nullcontext()

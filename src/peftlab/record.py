@@ -176,6 +176,8 @@ class ModelInfo(Section):
     architecture: str | None = None
     dtype: str | None = None
     device: str | None = None
+    precision: str | None = None  # fp32 | bf16-mixed | bf16-true (schema 2 records before it: absent)
+    precision_reason: str | None = None  # e.g. "auto: CPU has avx512_bf16"
 
 
 class MethodInfo(Section):

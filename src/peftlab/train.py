@@ -25,8 +25,9 @@ from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
-from peftlab.models import LoadedModel, load_model, resolve_device
+from peftlab.models import LoadedModel, load_model, resolve_device, resolve_precision
 from peftlab.plan.memory import estimate_for_run
+from peftlab.precision import Precision, compute_context
 from peftlab.record import (
     RESULTS_SCHEMA,
     Artifact,
@@ -120,9 +121,16 @@ def prepare_model(cfg: RunConfig, task: Task, method: Method,
     The base model's newly initialised modules (a classification head) are trained and saved with the adapter.
     """
     method.check_supports(method.task_capability(task.model_kind))
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base, **(model_kwargs or {}))
+    if resolve_precision(cfg, resolve_device(cfg.device)).name == "bf16-true":
+        method.check_supports("bf16_true")
+    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base,
+                        trainable_base=not method.is_peft, **(model_kwargs or {}))
     torch.manual_seed(cfg.seed)  # adapter initialisation
     model = method.apply(loaded.model, cfg, task.model_kind, loaded.new_modules)
+    if loaded.precision.name == "bf16-true":  # peft keeps adapters fp32 over a bf16 base; bf16-true means all bf16
+        for param in model.parameters():
+            if param.requires_grad and param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
     if cfg.gradient_checkpointing and not method.quantizes_base:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if method.is_peft and hasattr(model, "enable_input_require_grads"):
@@ -151,7 +159,8 @@ def _progress(total: int, enabled: bool):
 
 
 def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Tensor]], accelerator,
-                   trainable: list[torch.Tensor], clip: float, device: torch.device) -> tuple[float, float, int]:
+                   trainable: list[torch.Tensor], clip: float, device: torch.device,
+                   precision: Precision) -> tuple[float, float, int]:
     """Forward/backward over one step's micro-batches; returns (mean loss, grad norm, real tokens).
 
     The loss is normalised by the number of counted items (tokens or examples) in the whole step, over every
@@ -165,8 +174,9 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
     step_loss = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro):
         with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
-            loss_sum = task.loss(model, batch)
-            accelerator.backward(loss_sum * (world / counts[0]))
+            with compute_context(precision, device.type):  # the forward only: backward follows its dtypes
+                loss_sum = task.loss(model, batch)
+            accelerator.backward(loss_sum.float() * (world / counts[0]))
         step_loss += loss_sum.detach().double()
     if world > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
@@ -175,7 +185,7 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
 
 
 def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: Method, accelerator, run: RunDir,
-               state: LoopState, device: torch.device, eval_timer: Stopwatch,
+               state: LoopState, device: torch.device, precision: Precision, eval_timer: Stopwatch,
                resume_from: Path | None = None, resume_state: dict[str, Any] | None = None) -> LoopState:
     """Run optimizer steps until the epochs (or max_steps) are done, checkpointing as configured."""
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -212,7 +222,8 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
             timer.start()
             micro = [task.train_batch(data, ix) for ix in step_micro_batches(
                 perm, step_in_epoch, cfg.batch_size, cfg.grad_accum, world, rank)]
-            mean_loss, grad_norm, tokens = optimizer_step(task, model, micro, accelerator, trainable, clip, device)
+            mean_loss, grad_norm, tokens = optimizer_step(task, model, micro, accelerator, trainable, clip, device,
+                                                       precision)
             state.step += 1
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(state.step, "loss")
@@ -247,7 +258,8 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
             break
         # Epoch end (not the last): evaluate, then checkpoint with the metric for keep_best.
         eval_timer.start()
-        metrics = task.evaluate(data, accelerator.unwrap_model(model), f"epoch{epoch + 1}").metrics
+        with compute_context(precision, device.type):
+            metrics = task.evaluate(data, accelerator.unwrap_model(model), f"epoch{epoch + 1}").metrics
         model.train()
         eval_timer.stop()
         state.epoch_evals.append({"epoch": epoch + 1, "step": state.step, **metrics})
@@ -353,21 +365,24 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         state = LoopState(**saved_state["loop"])
     elif cfg.eval_before:
         eval_timer.start()
-        before = task.evaluate(data, model, "before")
+        with compute_context(loaded.precision, device.type):
+            before = task.evaluate(data, model, "before")
         state.before = before.metrics
         eval_timer.stop()
         tracking.log_eval(accelerator, state.before, 0, "eval_before")
 
     meter.start("train")
-    state = train_loop(cfg, task, data, model, method, accelerator, run, state, device, eval_timer,
+    state = train_loop(cfg, task, data, model, method, accelerator, run, state, device, loaded.precision, eval_timer,
                        resumed_from, resume[1] if resume else None)
     per_process = train_peaks_per_process(meter.stop(), accelerator, device)
 
     eval_timer.start()
-    final = task.evaluate(data, accelerator.unwrap_model(model), "after")
+    with compute_context(loaded.precision, device.type):
+        final = task.evaluate(data, accelerator.unwrap_model(model), "after")
     after = final.metrics
     eval_timer.stop()
-    sample = task.sample(data, accelerator.unwrap_model(model), final)
+    with compute_context(loaded.precision, device.type):
+        sample = task.sample(data, accelerator.unwrap_model(model), final)
     saved = save_trained(model, loaded, method, run, accelerator)
     if run.is_writer:  # only rank 0 writes files
         task.write_artifacts(data, run.path, final, before)
@@ -383,7 +398,8 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         finished=dt.datetime.now(dt.UTC).isoformat(),
         config=cfg.model_dump(mode="json"),
         model=ModelInfo(name=cfg.model, source=loaded.source, architecture=type(loaded.model).__name__,
-                        dtype=str(loaded.dtype).removeprefix("torch."), device=str(device)),
+                        dtype=str(loaded.dtype).removeprefix("torch."), device=str(device),
+                        precision=loaded.precision.name, precision_reason=loaded.precision.reason),
         method=MethodInfo(name=method.name, summary=method.summary, fields=fields, r=fields.get("r"),
                           alpha=fields.get("alpha"), target_modules=_adapter_targets(model)),
         task=TaskInfo(name=task.name, metric=task.metric, higher_is_better=task.higher_is_better),

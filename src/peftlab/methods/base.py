@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # typing only: no torch at import time
 
 #: Capabilities a method may lack; ``Method.unsupported`` maps each one it lacks to the reason (one line).
 #: "causal_lm" and "classification" are the two task kinds (a method that cannot train one says so).
-CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "causal_lm", "fsdp")
+CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "causal_lm", "fsdp", "bf16_true")
 #: Bytes per element of the run dtypes the planner models.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -162,5 +162,5 @@ class Method:
         raise NotImplementedError
 
     def activation_element_bytes(self, plan_input: Any) -> int:
-        """Bytes per saved activation element: the run dtype's, fp32 over a 4-bit base (QLoRA computes in fp32)."""
-        return 4 if self.quantizes_base else DTYPE_BYTES[plan_input.dtype]
+        """Bytes per saved activation element: the compute dtype's (a 4-bit base computes in it too)."""
+        return DTYPE_BYTES[plan_input.dtype]

@@ -21,7 +21,11 @@ class Full(Method):
     order = 0
     is_peft = False
     unsupported = {"merge": "trains every weight, so there is no adapter to merge; use its model/ folder as is",
-                   "quantized_base": "trains every weight, which a 4-bit base cannot hold; use --method qlora"}
+                   "quantized_base": "trains every weight, which a 4-bit base cannot hold; use --method qlora",
+                   # AdamW updates of ~lr * 1e-3 vanish when added to bf16 weights (8 mantissa bits)
+                   "bf16_true": "cannot train bf16 weights with plain AdamW (updates below bf16's resolution are "
+                                "lost; that needs stochastic rounding or Kahan summation); use --precision "
+                                "bf16-mixed, which keeps fp32 master weights"}
 
     def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         for param in model.parameters():
@@ -29,7 +33,7 @@ class Full(Method):
         return model
 
     def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
-        pbytes = DTYPE_BYTES[plan_input.dtype]
+        pbytes = DTYPE_BYTES[plan_input.master_dtype]
         a = self.activation_element_bytes(plan_input)
         h = arch.hidden_size
         largest = max(arch.vocab_size * h, *(i * o for i, o in arch.linear_shapes().values()))
@@ -38,4 +42,7 @@ class Full(Method):
         return PlanTerms(trainable_params=arch.total_params(), largest_trainable=largest, base_weight_bytes=0,
                          trainable_bytes_per_param=pbytes,
                          activation_bytes_per_token_layer=a * (4 * h + arch.intermediate_size),
-                         activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held)
+                         activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held,
+                         # bf16-mixed: autocast's bf16 copies of the fp32 matmul weights live through the step
+                         activation_bytes_fixed=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
+                         else 0)

@@ -52,6 +52,12 @@ class Arch:
         """Input embedding plus an untied output head."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
+    def matmul_params(self) -> int:
+        """Weights that run as matmuls: every layer's linear layers and an untied output head (a tied head is the
+        embedding, which bf16-mixed keeps fp32)."""
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.num_layers * self.layer_linear_params() + head
+
     def norm_params(self) -> int:
         """Two norms per layer and the final norm."""
         return (2 * self.num_layers + 1) * self.hidden_size

@@ -76,8 +76,9 @@ CUDA_CONTEXT_GIB = 0.5
 CE_BYTES_PER_LOGIT = 12  # unchunked: logits, log-softmax and two gradient buffers, per token and vocabulary entry
 CE_CHUNK = 1024  # tokens per chunk of peftlab.losses.chunked_linear_cross_entropy
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+PLANNED_PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 #: PlanInput fields that describe the run (the rest of a PlanInput's keyword arguments are method fields).
-RUN_INPUTS = ("batch_size", "seq_len", "grad_accum", "optimizer", "gradient_checkpointing", "device", "dtype",
+RUN_INPUTS = ("batch_size", "seq_len", "grad_accum", "optimizer", "gradient_checkpointing", "device", "precision",
               "vocab_logits", "chunked_ce", "fused_optimizer")
 
 
@@ -88,7 +89,7 @@ class PlanInput:
     ``fields`` holds the method's field values (defaults filled from the method's fields model); ``user_set``
     names the method fields the user chose (IA3's default targets differ from the fields' default). Keyword
     arguments that are not run inputs are method fields: ``PlanInput(method="lora", r=2)``. Defaults come from
-    the config (RunConfig and the method's fields); device and dtype are resolved ("cpu", "float32").
+    the config (RunConfig and the method's fields); device and precision are resolved ("cpu", "fp32").
     """
 
     method: str
@@ -100,7 +101,7 @@ class PlanInput:
     optimizer: str
     gradient_checkpointing: bool
     device: str
-    dtype: str
+    precision: str  # fp32 | bf16-mixed | bf16-true (resolved, see peftlab.precision)
     vocab_logits: bool  # a language-modelling head (False: a classifier with few outputs)
     chunked_ce: bool
     fused_optimizer: bool
@@ -119,11 +120,21 @@ class PlanInput:
         run = {"batch_size": field_default("batch_size"), "seq_len": field_default("block_size"),
                "grad_accum": field_default("grad_accum"), "optimizer": "adamw",
                "gradient_checkpointing": field_default("gradient_checkpointing"), "device": "cpu",
-               "dtype": "float32", "vocab_logits": True, "chunked_ce": field_default("chunked_ce"),
+               "precision": "fp32", "vocab_logits": True, "chunked_ce": field_default("chunked_ce"),
                "fused_optimizer": field_default("fused_optimizer")}
         run.update({k: v for k, v in kwargs.items() if k in RUN_INPUTS})
         for key, value in run.items():
             setattr(self, key, value)
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype: what matmuls and saved activations use."""
+        return "float32" if self.precision == "fp32" else "bfloat16"
+
+    @property
+    def master_dtype(self) -> str:
+        """The dtype of trainable weights, their gradients and optimizer states (bf16 only under bf16-true)."""
+        return "bfloat16" if self.precision == "bf16-true" else "float32"
 
 
 @dataclass
@@ -195,18 +206,27 @@ def chunked_ce_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
     return (buffered * act_bytes + transient) * vocab
 
 
+def default_base_bytes(arch: Arch, inp: PlanInput) -> int:
+    """A frozen base at the run's precision: bf16-mixed stores the matmul weights in bf16 and keeps embeddings and
+    norms fp32 (peftlab.precision.cast_frozen_matmuls); fp32 and bf16-true store everything in one dtype."""
+    if inp.precision == "bf16-mixed":
+        matmuls = arch.matmul_params()
+        return 2 * matmuls + 4 * (arch.total_params() - matmuls)
+    return DTYPE_BYTES[inp.dtype] * arch.total_params()
+
+
 def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
                 exact_weights: dict[str, int] | None = None) -> Plan:
     """Predict the peak memory of a run; ``exact_weights`` (base/trainable bytes of a loaded model) override counts."""
     if inp.optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer {inp.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if inp.dtype not in DTYPE_BYTES:
-        raise UserError(f"dtype {inp.dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    if inp.precision not in PLANNED_PRECISIONS:
+        raise UserError(f"precision {inp.precision!r}: choose one of {', '.join(PLANNED_PRECISIONS)}")
     method = get_method(inp.method)
     terms = method_terms(arch, inp)
     n_train, largest, pbytes = terms.trainable_params, terms.largest_trainable, terms.trainable_bytes_per_param
     trainable = n_train * pbytes
-    base = DTYPE_BYTES[inp.dtype] * arch.total_params() if terms.base_weight_bytes is None else terms.base_weight_bytes
+    base = default_base_bytes(arch, inp) if terms.base_weight_bytes is None else terms.base_weight_bytes
     if exact_weights:
         base, trainable = exact_weights.get("base", base), exact_weights.get("trainable", trainable)
     grads = trainable
@@ -241,20 +261,23 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
 
 
 def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "causal_lm") -> PlanInput:
-    """PlanInput for a RunConfig (device/dtype 'auto' resolve to what is here: CUDA if visible, else CPU)."""
+    """PlanInput for a RunConfig (device and precision 'auto' resolve to what is here: CUDA if visible, else CPU;
+    bf16-mixed where the device has native bf16)."""
     device = cfg.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    from peftlab.precision import for_device
+
+    precision = for_device(cfg.precision, device).name
     from peftlab.tasks import get_task
 
     seq_len = get_task(cfg.task).seq_len(cfg)
     fields = cfg.method_fields()
     return PlanInput(method=cfg.method, fields=fields, user_set=tuple(k for k in fields if cfg.is_set(k)),
                      batch_size=cfg.batch_size, seq_len=seq_len, grad_accum=cfg.grad_accum, optimizer=optimizer,
-                     gradient_checkpointing=cfg.gradient_checkpointing, device=device, dtype=dtype,
+                     gradient_checkpointing=cfg.gradient_checkpointing, device=device, precision=precision,
                      vocab_logits=task_kind == "causal_lm", chunked_ce=cfg.chunked_ce,
                      fused_optimizer=cfg.fused_optimizer)
 
@@ -340,7 +363,7 @@ def format_plan(plan: Plan) -> str:
     """A readable per-component table."""
     inp = plan.inputs
     lines = [f"model {plan.model}: {plan.counts['trainable_params']:,} trainable of {plan.counts['total_params']:,} "
-             f"parameters; method {inp.method}, {inp.device} {inp.dtype}, batch {inp.batch_size} x seq "
+             f"parameters; method {inp.method}, {inp.device} {inp.precision}, batch {inp.batch_size} x seq "
              f"{inp.seq_len}, accumulation {inp.grad_accum}, {inp.optimizer}"
              f"{', gradient checkpointing' if inp.gradient_checkpointing else ''}",
              f"{'component':<22}{'GiB':>10}"]

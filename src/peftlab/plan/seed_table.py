@@ -14,7 +14,7 @@ SEED_TABLE_ROWS = (("full", None, None), ("lora", 8, 16), ("lora", 16, 32), ("lo
 SEED_CLAIMED = {("lora", 8): "~6"}
 
 
-def seed_table(device: str = "cuda", dtype: str = "bfloat16", batch_size: int = 4, seq_len: int = 128,
+def seed_table(device: str = "cuda", precision: str = "bf16-mixed", batch_size: int = 4, seq_len: int = 128,
                grad_accum: int = 8) -> list[dict[str, Any]]:
     """Predicted memory of every row of the seed's tables (seed defaults: q/v targets, dropout 0.1, AdamW)."""
     rows = []
@@ -22,7 +22,7 @@ def seed_table(device: str = "cuda", dtype: str = "bfloat16", batch_size: int = 
         arch = BUILTIN_ARCHS[model]
         for method, r, alpha in SEED_TABLE_ROWS:
             inp = PlanInput(method=method, fields={"r": r} if r else {}, batch_size=batch_size, seq_len=seq_len,
-                            grad_accum=grad_accum, device=device, dtype=dtype)
+                            grad_accum=grad_accum, device=device, precision=precision)
             plan = plan_memory(arch, inp)
             rows.append({"model": model, "method": method, "r": r, "alpha": alpha, "plan": plan,
                          "seed_claimed": SEED_CLAIMED.get((method, r), "-")})
@@ -32,7 +32,7 @@ def seed_table(device: str = "cuda", dtype: str = "bfloat16", batch_size: int = 
 def format_seed_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: predicted peak per seed row next to the seed's claim."""
     first = rows[0]["plan"].inputs
-    head = (f"Predicted peak memory (GiB), {first.device} {first.dtype}, block {first.seq_len}, batch "
+    head = (f"Predicted peak memory (GiB), {first.device} {first.precision}, block {first.seq_len}, batch "
             f"{first.batch_size}, accumulation {first.grad_accum}, AdamW, targets q_proj,v_proj, dropout 0.1\n\n"
             "| Model | Training type | (r, alpha) | weights | gradients+optimizer | activations+logits | runtime | "
             "predicted peak | seed claimed |\n|---|---|---|---|---|---|---|---|---|")
