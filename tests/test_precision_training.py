@@ -14,10 +14,10 @@ import torch
 
 from peftlab.configure import load_config
 from peftlab.evaluate import run_eval
-from peftlab.models import load_model
-from peftlab.train import prepare_model, run_training
 from peftlab.methods import get_method
+from peftlab.models import load_model
 from peftlab.tasks import get_task
+from peftlab.train import prepare_model, run_training
 from tests.conftest import tiny_overrides
 
 STEPS = 20

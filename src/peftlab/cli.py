@@ -264,7 +264,8 @@ def _add_memory_commands(sub: Any) -> None:
                       help="CPU: measure this machine's bare `import torch, transformers, peft` RSS for the runtime")
     plan.add_argument("--json", action="store_true", help="print JSON")
     _add_config_args(plan, ["model", "task", "method", "r", "alpha", "dropout", "target_modules", "block_size",
-                            "max_length", "batch_size", "grad_accum", "device", "precision", "dtype", "gradient_checkpointing"])
+                            "max_length", "batch_size", "grad_accum", "device", "precision", "dtype",
+                            "gradient_checkpointing"])
     plan.set_defaults(func=cmd_plan)
     merge = sub.add_parser("merge", help="fold a LoRA/IA3 adapter into its base and save a plain HF model")
     merge.add_argument("--adapter", required=True, help="a run's adapter/ folder")
