@@ -12,13 +12,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import UserError
-from peftlab.merge import CHECK_BATCH, CHECK_SEED, Merged, compare, logits_of, merge_adapter, merge_config, run_merge
+
+if TYPE_CHECKING:  # torch and the model stack load only once the arguments are known to be good
+    import numpy as np
+
+    from peftlab.merge import Merged
 
 FORMATS = ("gguf", "safetensors")
 #: Largest relative logit difference (to the merged model's largest logit) allowed after the GGUF round trip.
@@ -61,6 +62,8 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt == "safetensors":  # the merged HF folder is exactly `peftlab merge`'s
+        from peftlab.merge import run_merge
+
         if outtype is not None:
             raise UserError("--outtype applies to --format gguf; a safetensors export keeps the model's dtype "
                             "(set it with --dtype)")
@@ -70,6 +73,8 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
         raise UserError(f"--outtype {outtype!r}: expected one of {', '.join(TOLERANCES)}")
     out = Path(output).expanduser().absolute()
     _check_output(out, overwrite)
+    from peftlab.merge import merge_adapter, merge_config
+
     path, cfg = merge_config(adapter, overrides)
     model_type = _check_architecture(cfg)
     merged = merge_adapter(path, cfg)
@@ -106,6 +111,7 @@ def _permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndar
 def _encode(array: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
     """A tensor in the output type: matrices in f16/bf16/q8_0 (q8_0 only whose rows split into 32-value blocks),
     norms and other 1-D tensors in f32, as llama.cpp keeps them."""
+    import numpy as np
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -123,6 +129,7 @@ def _encode(array: np.ndarray, outtype: str) -> tuple[np.ndarray, Any]:
 def write_gguf(merged: Merged, target: Path, outtype: str, name: str) -> None:
     """Write the merged model as a GGUF of architecture ``llama``."""
     import gguf
+    import torch
 
     config = merged.model.config
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -231,7 +238,10 @@ TOKENIZER_PROBE = " Hello world! The quick brown fox, 12345 times.\nNew line."
 
 def verify_gguf(merged: Merged, path: Path) -> dict[str, Any]:
     """Load the GGUF back with transformers and compare its logits (fp32, on the fixed batch) and its tokenizer."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab.merge import compare, logits_of
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32)
     logits = logits_of(model, merged.ids.to(model.device))
@@ -244,6 +254,8 @@ def verify_gguf(merged: Merged, path: Path) -> dict[str, Any]:
 def _write_gguf_card(adapter: Path, out: Path, report: dict[str, Any]) -> None:
     """``<file>.md`` beside the GGUF (a README.md there may belong to something else): what it is, how it was
     checked."""
+    from peftlab.merge import CHECK_BATCH, CHECK_SEED
+
     diff = report["gguf_vs_merged"]
     lines = [f"# {out.name}", "",
              f"`{report['base_model']}` with the adapter `{adapter}` ({report['method']}) merged in, written as "
