@@ -42,6 +42,7 @@ def _check_gguf_file(out: Path, outtype: str) -> None:
 
     metadata, _ = read_gguf_metadata(str(out))
     assert metadata["general.architecture"] == "llama" and metadata["tokenizer.ggml.model"] == "gpt2"
+    assert metadata["tokenizer.ggml.pre"] == "gpt-2"  # the SmolLM2 tokenizer: byte-level, GPT-2's regex
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
                 "tokenizer.chat_template", "llama.rope.dimension_count", "llama.attention.head_count_kv"):
@@ -77,6 +78,17 @@ def test_mistral_gguf_is_written_as_llama(adapter, tmp_path):
     path, cfg = merge_config(str(adapter), {"model": "tiny-mistral"})
     write_gguf(merge_adapter(path, cfg), tmp_path / "mistral.gguf", "f16", name="mistral-test")
     _check_gguf_file(tmp_path / "mistral.gguf", "f16")
+
+
+def test_a_file_outside_tolerance_is_not_kept(adapter, tmp_path, monkeypatch):
+    import peftlab.export as export
+    from peftlab.errors import UserError
+
+    off = {"gguf_vs_merged": {"max_abs_diff": 1.0, "max_rel_diff": float("nan")}, "tokenizer_matches": True}
+    monkeypatch.setattr(export, "verify_gguf", lambda merged, path: off)
+    with pytest.raises(UserError, match="GGUF check failed"):
+        run_export(str(adapter), str(tmp_path / "bad.gguf"), "gguf", "q8_0")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_safetensors_export_is_the_merge(adapter, tmp_path):

@@ -64,6 +64,8 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
     if fmt == "safetensors":  # the merged HF folder is exactly `peftlab merge`'s
         from peftlab.merge import run_merge
 
+        if not Path(output).expanduser().absolute().parent.is_dir():
+            raise UserError(f"--output {output!r}: its parent folder does not exist; create it first")
         if outtype is not None:
             raise UserError("--outtype applies to --format gguf; a safetensors export keeps the model's dtype "
                             "(set it with --dtype)")
@@ -178,12 +180,13 @@ def write_gguf(merged: Merged, target: Path, outtype: str, name: str) -> None:
 
 
 def _pre_tokenizer(tokenizer_json: dict) -> str:
-    """llama.cpp's pre-tokenizer name: SmolLM-style (single digits, then byte-level) is ``smollm``; anything else
-    gets llama.cpp's ``default`` gpt2 split."""
+    """llama.cpp's name for how the text is split before BPE: plain byte-level with GPT-2's regex is ``gpt-2``,
+    single digits then byte-level is ``smollm``; anything else gets llama.cpp's ``default`` split (approximate)."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
-    digits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Digits"]
-    if kinds == ["Digits", "ByteLevel"] and digits[0].get("individual_digits"):
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    parts = pre.get("pretokenizers", [])
+    if [p.get("type") for p in parts] == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     return "default"
 
