@@ -85,7 +85,7 @@ def test_a_file_outside_tolerance_is_not_kept(adapter, tmp_path, monkeypatch):
     from peftlab.errors import UserError
 
     off = {"gguf_vs_merged": {"max_abs_diff": 1.0, "max_rel_diff": float("nan")}, "tokenizer_matches": True}
-    monkeypatch.setattr(export, "verify_gguf", lambda merged, path: off)
+    monkeypatch.setattr(export, "verify_gguf", lambda *args: off)
     with pytest.raises(UserError, match="GGUF check failed"):
         run_export(str(adapter), str(tmp_path / "bad.gguf"), "gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []

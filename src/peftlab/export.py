@@ -18,6 +18,7 @@ from peftlab.errors import UserError
 
 if TYPE_CHECKING:  # torch and the model stack load only once the arguments are known to be good
     import numpy as np
+    import torch
 
     from peftlab.merge import Merged
 
@@ -76,17 +77,24 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
     out = Path(output).expanduser().absolute()
     _check_output(out, overwrite)
     from peftlab.merge import merge_adapter, merge_config
+    from peftlab.models import release_freed_memory
 
-    path, cfg = merge_config(adapter, overrides)
+    # merged in float32 unless --dtype says otherwise: the output type's rounding then happens once, and the
+    # reference logits carry no bf16 noise of their own
+    path, cfg = merge_config(adapter, {"dtype": "float32", **(overrides or {})})
     model_type = _check_architecture(cfg)
     merged = merge_adapter(path, cfg)
+    report = merged.report
 
     partial = out.parent / f".{out.name}.partial-{os.getpid()}.gguf"  # hidden and unfinished until the rename
     try:
         write_gguf(merged, partial, outtype, name=out.stem)
-        check = verify_gguf(merged, partial)
+        ids, reference, tokenizer = merged.ids, merged.logits, merged.tokenizer
+        del merged  # the reference logits are computed: free the merged weights before the file loads back
+        release_freed_memory()
+        check = verify_gguf(partial, ids, reference, tokenizer)
         tolerance = TOLERANCES[outtype]
-        report = {**merged.report, "format": "gguf", "outtype": outtype, "model_type": model_type,
+        report = {**report, "format": "gguf", "outtype": outtype, "model_type": model_type,
                   "output": str(out), "file_size_bytes": partial.stat().st_size, "tolerance_rel": tolerance,
                   "gguf_vs_merged": check["gguf_vs_merged"], "tokenizer_matches": check["tokenizer_matches"]}
         rel = check["gguf_vs_merged"]["max_rel_diff"]
@@ -239,19 +247,19 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 TOKENIZER_PROBE = " Hello world! The quick brown fox, 12345 times.\nNew line."
 
 
-def verify_gguf(merged: Merged, path: Path) -> dict[str, Any]:
-    """Load the GGUF back with transformers and compare its logits (fp32, on the fixed batch) and its tokenizer."""
+def verify_gguf(path: Path, ids: torch.Tensor, reference: torch.Tensor, tokenizer: Any) -> dict[str, Any]:
+    """Load the GGUF back with transformers and compare its logits (fp32) on the fixed batch ``ids`` with the
+    merged model's ``reference``, and its tokenizer with the merged model's ``tokenizer``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftlab.merge import compare, logits_of
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32)
-    logits = logits_of(model, merged.ids.to(model.device))
-    reference = merged.logits.to(logits.device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
-    same = tokenizer(TOKENIZER_PROBE)["input_ids"] == merged.tokenizer(TOKENIZER_PROBE)["input_ids"]
-    return {"gguf_vs_merged": compare(reference, logits), "tokenizer_matches": bool(same)}
+    logits = logits_of(model, ids.to(model.device))
+    rebuilt = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
+    same = rebuilt(TOKENIZER_PROBE)["input_ids"] == tokenizer(TOKENIZER_PROBE)["input_ids"]
+    return {"gguf_vs_merged": compare(reference.to(logits.device), logits), "tokenizer_matches": bool(same)}
 
 
 def _write_gguf_card(adapter: Path, out: Path, report: dict[str, Any]) -> None:

@@ -105,7 +105,7 @@ def merge_config(adapter: str, overrides: dict[str, Any] | None = None) -> tuple
     check_mergeable(path, run_config_of(path).get("method"))
     cfg = eval_config(str(path), overrides or {})
     if TASKS[cfg.task](cfg).model_kind != "causal_lm":
-        raise UserError(f"merge supports causal-LM adapters; this adapter's run is a {cfg.task} task")
+        raise UserError(f"merge and export support causal-LM adapters; this adapter's run is a {cfg.task} task")
     return path, cfg
 
 
