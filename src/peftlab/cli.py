@@ -253,6 +253,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from peftlab.export import format_report, run_export
+
+    report = run_export(args.adapter, args.output, args.export_format, args.outtype, _overrides(args),
+                        overwrite=args.overwrite)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def _add_memory_commands(sub: Any) -> None:
     plan = sub.add_parser("plan", help="predict peak memory per component without loading weights")
     plan.add_argument("--config", help="YAML config to plan; flags override its fields")
@@ -274,6 +283,19 @@ def _add_memory_commands(sub: Any) -> None:
     merge.add_argument("--json", action="store_true", help="print the comparison as JSON")
     _add_config_args(merge, ["model", "device", "precision", "dtype", "trust_remote_code", "allow_pickle"])
     merge.set_defaults(func=cmd_merge)
+    export = sub.add_parser("export", help="merge an adapter and write a GGUF file (llama.cpp, Ollama) or a "
+                                           "merged safetensors folder")
+    export.add_argument("--adapter", required=True, help="a run's adapter/ folder")
+    export.add_argument("--format", dest="export_format", default="gguf", metavar="gguf|safetensors",
+                        help="gguf: one file for llama.cpp/Ollama (Llama, Mistral); safetensors: a merged HF "
+                             "folder, as `peftlab merge` (default gguf)")
+    export.add_argument("--outtype", default=None, metavar="f16|bf16|q8_0",
+                        help="GGUF weight type of the matrices; norms stay f32 (default f16)")
+    export.add_argument("--output", required=True, help="the .gguf file (gguf) or the folder (safetensors)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    export.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_config_args(export, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    export.set_defaults(func=cmd_export)
 
 
 

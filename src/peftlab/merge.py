@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,23 +84,38 @@ def _prepare_output(output_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(output_dir)
 
 
-def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = None,
-              overwrite: bool = False) -> dict[str, Any]:
-    """Merge ``adapter`` into its base, save the plain model (safetensors + tokenizer), return the comparison."""
-    from peftlab.evaluate import attach_adapter, eval_config, run_config_of
-    from peftlab.models import load_model
+@dataclass
+class Merged:
+    """A merged model in memory: the model, its tokenizer, the comparison report, and the fixed batch with the
+    merged model's logits on it (what an export is checked against)."""
+
+    model: nn.Module
+    tokenizer: Any
+    report: dict[str, Any]
+    ids: torch.Tensor
+    logits: torch.Tensor
+
+
+def merge_config(adapter: str, overrides: dict[str, Any] | None = None) -> tuple[Path, Any]:
+    """The adapter's path and config, refusing (before any weights load) an adapter that cannot be merged."""
+    from peftlab.evaluate import eval_config, run_config_of
     from peftlab.tasks import TASKS
 
     path = Path(adapter).expanduser()
     check_mergeable(path, run_config_of(path).get("method"))
     cfg = eval_config(str(path), overrides or {})
-    out = Path(output_dir).expanduser()
-    _prepare_output(out, overwrite)
-    task = TASKS[cfg.task](cfg)
-    if task.model_kind != "causal_lm":
-        raise UserError(f"merge supports causal-LM adapters; this adapter's run is a {cfg.task} task")
-    quantized = get_method(cfg.method).quantizes_base
+    if TASKS[cfg.task](cfg).model_kind != "causal_lm":
+        raise UserError(f"merge and export support causal-LM adapters; this adapter's run is a {cfg.task} task")
+    return path, cfg
 
+
+def merge_adapter(path: Path, cfg: Any) -> Merged:
+    """Fold the adapter into its base (a QLoRA adapter into the dequantized 4-bit base) and compare the merged
+    logits with base + adapter on the fixed batch."""
+    from peftlab.evaluate import attach_adapter
+    from peftlab.models import load_model
+
+    quantized = get_method(cfg.method).quantizes_base
     reference_4bit = None
     if quantized:  # the function the adapter was trained with: 4-bit base + adapter
         loaded = load_model(cfg, task_kind="causal_lm", quantize_4bit=True)
@@ -117,13 +133,24 @@ def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = 
 
     report: dict[str, Any] = {"adapter": str(path), "base_model": cfg.model, "source": loaded.source,
                               "method": cfg.method, "dtype": str(loaded.dtype).removeprefix("torch."),
-                              "output_dir": str(out), "check_batch": list(CHECK_BATCH), "check_seed": CHECK_SEED,
+                              "check_batch": list(CHECK_BATCH), "check_seed": CHECK_SEED,
                               "merged_vs_adapter": compare(reference, merged_logits)}
     if reference_4bit is not None:
         report["base"] = "dequantized 4-bit base (as trained)"
         report["merged_vs_4bit_adapter"] = compare(reference_4bit, merged_logits)
-    merged.save_pretrained(out, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(out)
+    return Merged(model=merged, tokenizer=loaded.tokenizer, report=report, ids=ids, logits=merged_logits)
+
+
+def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
+    """Merge ``adapter`` into its base, save the plain model (safetensors + tokenizer), return the comparison."""
+    path, cfg = merge_config(adapter, overrides)
+    out = Path(output_dir).expanduser()
+    _prepare_output(out, overwrite)
+    merged = merge_adapter(path, cfg)
+    report = {**merged.report, "output_dir": str(out)}
+    merged.model.save_pretrained(out, safe_serialization=True)
+    merged.tokenizer.save_pretrained(out)
     (out / "merge_info.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _write_merged_card(path, out, report)  # --- ecosystem: model card
     return report
