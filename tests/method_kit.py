@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 
 RUN_FIELDS = dict(lr=1e-2, weight_decay=0.0, seed=0, gradient_checkpointing=False, model="tiny-llama", device="cpu",
-                  dtype="float32", max_steps=2)
+                  precision="fp32", max_steps=2)
 
 
 class StandInCfg:
@@ -95,7 +95,7 @@ def arch_of(model):
 
 
 def plan_input(cfg: StandInCfg, **extra: Any) -> SimpleNamespace:
-    values = dict(fields=cfg.method_fields(), dtype="float32", device="cpu", batch_size=2, seq_len=12,
+    values = dict(fields=cfg.method_fields(), dtype="float32", precision="fp32", device="cpu", batch_size=2, seq_len=12,
                   dropout=cfg.method_fields().get("dropout", 0.0))
     values.update(extra)
     return SimpleNamespace(**values)

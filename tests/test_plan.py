@@ -89,7 +89,7 @@ def test_chunked_cross_entropy_holds_one_chunk_of_logits(tiny_folder):
     # 1500 tokens: a full chunk and a shorter last one, both buffered; bf16 adds a chunk's fp32 copy and gradient
     odd = dict(common, batch_size=3, seq_len=500)
     assert plan_memory(arch, PlanInput(**odd), RUNTIME).components["logits_ce"] == 4 * 1500 * 10 + 1500 * 8 * 4
-    bf16 = plan_memory(arch, PlanInput(**common, dtype="bfloat16"), RUNTIME).components["logits_ce"]
+    bf16 = plan_memory(arch, PlanInput(**common, precision="bf16-true"), RUNTIME).components["logits_ce"]
     assert bf16 == (2 * 1024 + 6 * 1024) * 10 + 2048 * 8 * 2
 
 

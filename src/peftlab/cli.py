@@ -294,7 +294,7 @@ def _add_memory_commands(sub: Any) -> None:
     export.add_argument("--output", required=True, help="the .gguf file (gguf) or the folder (safetensors)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     export.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_config_args(export, ["model", "device", "dtype", "trust_remote_code", "allow_pickle"])
+    _add_config_args(export, ["model", "device", "precision", "dtype", "trust_remote_code", "allow_pickle"])
     export.set_defaults(func=cmd_export)
 
 

@@ -40,6 +40,8 @@ def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
     method = run.get("method")
     if method is not None and get_method(method).quantizes_base:  # for evaluation only a 4-bit base matters
         base.update({k: v for k, v in run.items() if k == "method" or k in get_method(method).field_names()})
+    if overrides.get("dtype") is not None:  # the old spelling of an override still replaces the run's precision
+        base.pop("precision", None)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return load_config(None, base)
 

@@ -69,7 +69,7 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
             raise UserError(f"--output {output!r}: its parent folder does not exist; create it first")
         if outtype is not None:
             raise UserError("--outtype applies to --format gguf; a safetensors export keeps the model's dtype "
-                            "(set it with --dtype)")
+                            "(set it with --precision)")
         return {"format": "safetensors", **run_merge(adapter, output, overrides, overwrite=overwrite)}
     outtype = outtype or "f16"
     if outtype not in TOLERANCES:
@@ -79,9 +79,7 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
     from peftlab.merge import merge_adapter, merge_config
     from peftlab.models import release_freed_memory
 
-    # merged in float32 unless --dtype says otherwise: the output type's rounding then happens once, and the
-    # reference logits carry no bf16 noise of their own
-    path, cfg = merge_config(adapter, {"dtype": "float32", **(overrides or {})})
+    path, cfg = merge_config(adapter, overrides)  # in fp32 unless --precision says otherwise
     model_type = _check_architecture(cfg)
     merged = merge_adapter(path, cfg)
     report = merged.report

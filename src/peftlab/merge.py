@@ -103,7 +103,12 @@ def merge_config(adapter: str, overrides: dict[str, Any] | None = None) -> tuple
 
     path = Path(adapter).expanduser()
     check_mergeable(path, run_config_of(path).get("method"))
-    cfg = eval_config(str(path), overrides or {})
+    overrides = dict(overrides or {})
+    if overrides.get("precision") is None and overrides.get("dtype") is None:
+        # merged in fp32 whatever the run trained in: an output's own rounding (a saved bf16 model, a GGUF type)
+        # then happens once, and the reference logits carry no bf16 noise
+        overrides["precision"] = "fp32"
+    cfg = eval_config(str(path), overrides)
     if TASKS[cfg.task](cfg).model_kind != "causal_lm":
         raise UserError(f"merge and export support causal-LM adapters; this adapter's run is a {cfg.task} task")
     return path, cfg
