@@ -7,10 +7,11 @@ evaluation of a saved peftlab run, or the GEMM peak. Each writes one JSON file (
     python benchmarks/_contenders.py gemm --sizes 1024,2048 --out g.json
 
 HF Trainer + peft is configured as the seed does: default TrainingArguments (fp32 on CPU, AdamW, linear schedule,
-max_grad_norm 1.0) with batch, accumulation and learning rate set, on a group_texts-style dataset (input_ids,
-attention_mask, labels = input_ids) with the default data collator. TRL's SFTTrainer gets the same pre-tokenized
-blocks with dataset preparation skipped (no packing, no re-tokenisation) and the same precision as the others
-(bf16 and gradient checkpointing, on by default in SFTConfig, are turned off so that all do the same work).
+max_grad_norm 1.0; ``--bf16`` sets ``bf16=True``) with batch, accumulation and learning rate set, on a
+group_texts-style dataset (input_ids, attention_mask, labels = input_ids) with the default data collator. TRL's
+SFTTrainer gets the same pre-tokenized blocks with dataset preparation skipped (no packing, no re-tokenisation) and
+the same precision as the others (bf16 follows ``--bf16``; gradient checkpointing, on by default in SFTConfig, is
+turned off so that all do the same work).
 """
 
 from __future__ import annotations
@@ -141,9 +142,10 @@ def train_with(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model_source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # bf16=True is the trainers' own mixed precision: bf16 autocast over the fp32 weights (on CPU too)
     common = dict(output_dir=tempfile.mkdtemp(prefix=f"bench-{kind}-"), per_device_train_batch_size=args.batch_size,
                   gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, max_steps=args.steps,
-                  seed=args.seed, save_strategy="no", report_to="none")
+                  seed=args.seed, save_strategy="no", report_to="none", bf16=args.bf16)
     if kind == "hf":
         model = get_peft_model(model, lora_config(args))
         ids = train_blocks.tolist()
@@ -158,7 +160,7 @@ def train_with(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         from trl import SFTConfig, SFTTrainer
 
         dataset = Dataset.from_dict({"input_ids": train_blocks.tolist()})
-        config = SFTConfig(**common, bf16=args.dtype == "bfloat16", gradient_checkpointing=False, packing=False,
+        config = SFTConfig(**common, gradient_checkpointing=False, packing=False,
                            dataset_kwargs={"skip_prepare_dataset": True})
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora_config(args))
@@ -180,6 +182,7 @@ def train_with(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             "memory": memory, "heldout": held, "trainable_params": trainable, "torch_threads": torch.get_num_threads(),
             "versions": {"transformers": transformers.__version__, "trl": trl.__version__, "torch": torch.__version__},
             "optimizer": optimizer_info(trainer.optimizer), "train_loss_mean": output.training_loss,
+            "precision": "bf16 autocast (bf16=True)" if args.bf16 else args.dtype,
             "train_blocks": int(len(train_blocks)), "eval_blocks": int(len(eval_blocks))}
 
 
@@ -222,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-blocks")
     parser.add_argument("--run-dir")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
+    parser.add_argument("--bf16", action="store_true", help="hf/trl: TrainingArguments(bf16=True)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-batch-size", type=int, default=4)

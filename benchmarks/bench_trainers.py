@@ -42,11 +42,25 @@ from _common import (
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-CONTENDERS = ("peftlab-lora", "peftlab-lora-2proc", "hf-trainer-lora", "trl-sft-lora", "peftlab-full",
-              "peftlab-qlora")
+FP32_CONTENDERS = ("peftlab-lora", "peftlab-lora-2proc", "hf-trainer-lora", "trl-sft-lora", "peftlab-full",
+                   "peftlab-qlora")
+BF16_SUFFIX = "-bf16"  # peftlab --precision bf16-mixed (QLoRA: bf16 compute); HF Trainer / TRL bf16=True
+BF16_CONTENDERS = ("peftlab-lora-bf16", "hf-trainer-lora-bf16", "trl-sft-lora-bf16", "peftlab-qlora-bf16",
+                   "peftlab-full-bf16")
+CONTENDERS = FP32_CONTENDERS + BF16_CONTENDERS
 OURS_LORA = ("peftlab-lora", "peftlab-lora-2proc")  # one process with all threads; two processes of one share each
 MULTI_PROCESS_SUFFIX = "-2proc"
 BASELINES = ("hf-trainer-lora", "trl-sft-lora")
+
+
+def is_bf16(name: str) -> bool:
+    return name.endswith(BF16_SUFFIX)
+
+
+def method_of(name: str) -> str:
+    """The method a contender trains: full, qlora or lora."""
+    base = name.removesuffix(BF16_SUFFIX).removesuffix(MULTI_PROCESS_SUFFIX)
+    return "full" if base.endswith("full") else "qlora" if base.endswith("qlora") else "lora"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m", help="peftlab model alias or folder (default smollm2-135m)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per contender (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="runs per contender, interleaved (default 1)")
-    p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset of " +
-                   ", ".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(FP32_CONTENDERS), help="comma-separated subset of " +
+                   ", ".join(CONTENDERS) + " (default: the fp32 ones; 'all' for every one)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=8)
     p.add_argument("--block-size", type=int, default=128)
@@ -77,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra arguments for `peftlab train` (e.g. '--set compile=true')")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per contender process (default 3600)")
     args = p.parse_args(argv)
-    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    args.contenders = list(CONTENDERS) if args.contenders == "all" else [
+        c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = sorted(set(args.contenders) - set(CONTENDERS))
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
@@ -104,7 +119,7 @@ def worker(kind: str, *extra: str) -> list[str]:
 
 
 def peftlab_command(args: argparse.Namespace, method: str, run_dir: Path, train_blocks: int,
-                    processes: int = 1) -> list[str]:
+                    processes: int = 1, precision: str = "fp32") -> list[str]:
     """`peftlab train` for the workload; on several processes the accumulation is divided so that the global
     batch (batch x accumulation x processes) stays the same."""
     if args.grad_accum % processes:
@@ -114,7 +129,7 @@ def peftlab_command(args: argparse.Namespace, method: str, run_dir: Path, train_
            "--grad-accum", str(args.grad_accum // processes), "--processes", str(processes),
            "--lr", str(args.lr), "--max-steps", str(args.steps),
            "--train-subset", str(train_blocks), "--eval-subset", str(args.eval_blocks), "--seed", str(args.seed),
-           "--device", args.device, "--output-dir", str(run_dir), "--overwrite",
+           "--device", args.device, "--precision", precision, "--output-dir", str(run_dir), "--overwrite",
            "--set", "eval_before=false", "--set", "max_new_tokens=1", "--set", "logging_steps=1"]
     if method != "full":
         cmd += ["--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
@@ -126,11 +141,12 @@ def run_peftlab(args: argparse.Namespace, name: str, tag: str, paths: dict[str, 
                 train_blocks: int) -> dict[str, Any]:
     """`peftlab train` in a fresh process, then an independent held-out evaluation of what it saved."""
     processes = 2 if name.endswith(MULTI_PROCESS_SUFFIX) else 1
-    method = name.removeprefix("peftlab-").removesuffix(MULTI_PROCESS_SUFFIX)
+    method = method_of(name)
     run_dir = args.out / "runs" / tag
     if processes > 1:  # the launcher gives each process its share of the cores
         env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    wall = run_logged(peftlab_command(args, method, run_dir, train_blocks, processes),
+    precision = "bf16-mixed" if is_bf16(name) else "fp32"
+    wall = run_logged(peftlab_command(args, method, run_dir, train_blocks, processes, precision),
                       args.out / "logs" / f"{tag}.log", env, args.timeout)
     from peftlab.record import RunRecord  # the one reader of results.json
 
@@ -153,6 +169,7 @@ def run_peftlab(args: argparse.Namespace, name: str, tag: str, paths: dict[str, 
             "heldout": held, "own_eval_loss": (results["metrics"].get("after") or {}).get("eval_loss"),
             "trainable_params": results["params"]["trainable_params"],
             "torch_threads": results["machine"].get("torch_threads"), "dtype": results["model"]["dtype"],
+            "precision": results["model"].get("precision"),
             "train_blocks": results["data"]["train"]["blocks_used"],
             "eval_blocks": results["data"]["eval"]["blocks_used"],
             "load_time_s": results["timing"]["load_time_s"], "process_wall_s": wall, "run_dir": str(run_dir)}
@@ -167,17 +184,17 @@ def run_baseline(args: argparse.Namespace, name: str, tag: str, paths: dict[str,
                  "--dtype", "bfloat16" if args.device == "cuda" else "float32", "--steps", str(args.steps),
                  "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--lr", str(args.lr),
                  "--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
-                 "--target-modules", args.target_modules, "--seed", str(args.seed), "--out", str(out))
+                 "--target-modules", args.target_modules, "--seed", str(args.seed), "--out", str(out),
+                 *(["--bf16"] if is_bf16(name) else []))
     wall = run_logged(cmd, args.out / "logs" / f"{tag}.log", env, args.timeout)
     return {**json.loads(out.read_text()), "process_wall_s": wall}
 
 
-def measure_gemm(args: argparse.Namespace, env: dict[str, str], tag: str) -> dict[str, Any]:
-    out = args.out / "raw" / f"gemm-{tag}.json"
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
+def measure_gemm(args: argparse.Namespace, env: dict[str, str], tag: str, dtype: str) -> dict[str, Any]:
+    out = args.out / "raw" / f"gemm-{tag}-{dtype}.json"
     run_logged(worker("gemm", "--sizes", args.gemm_sizes, "--repeats", str(args.gemm_repeats), "--device",
-                      args.device, "--dtype", dtype, "--out", str(out)), args.out / "logs" / f"gemm-{tag}.log", env,
-               args.timeout)
+                      args.device, "--dtype", dtype, "--out", str(out)),
+               args.out / "logs" / f"gemm-{tag}-{dtype}.log", env, args.timeout)
     return json.loads(out.read_text())
 
 
@@ -191,7 +208,8 @@ def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: 
     first = runs[0]
     return {
         "contender": name,
-        "method": "full" if name.endswith("full") else "qlora" if name.endswith("qlora") else "lora",
+        "method": method_of(name),
+        "precision": "bf16" if is_bf16(name) else "fp32",
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_runs": speeds,
         "step_time_median_s": statistics.median(steady) if steady else None,
@@ -217,6 +235,44 @@ def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+#: Issue 12's targets for peftlab LoRA bf16-mixed: (other row, at least this many times its tokens/s).
+BF16_SPEED_TARGETS = (("peftlab-lora", 1.9), ("hf-trainer-lora-bf16", 1.2), ("trl-sft-lora-bf16", 1.6))
+
+
+def bf16_checks(rows: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's done-when checks for the bf16 rows (where the rows exist), adding their ratios."""
+    checks: list[dict[str, Any]] = []
+    ours = rows.get("peftlab-lora-bf16")
+    if ours:
+        for other, need in BF16_SPEED_TARGETS:
+            if rows.get(other):
+                value = ratio(ours["tokens_per_s"], rows[other]["tokens_per_s"])
+                ratios[f"peftlab-lora-bf16 / {other}"] = {
+                    "tokens_per_s": value, "peak_rss": ratio(ours["peak_rss_gb"], rows[other]["peak_rss_gb"]),
+                    "eval_loss_rel_diff": ratio(ours["eval_loss"] - rows[other]["eval_loss"],
+                                                rows[other]["eval_loss"])}
+                if value is not None:
+                    checks.append({"check": f"tokens/s peftlab-lora-bf16 >= {need:g}x {other}", "value": value,
+                                   "pass": value >= need})
+        if ours["mfu"] is not None:
+            checks.append({"check": "peftlab-lora-bf16 MFU >= 55% of the bf16 GEMM peak", "value": ours["mfu"],
+                           "pass": ours["mfu"] >= 0.55})
+        q = rows.get("peftlab-qlora-bf16")
+        if q:
+            value = ratios["peftlab-qlora-bf16 / peftlab-lora-bf16"] = {
+                "tokens_per_s": ratio(q["tokens_per_s"], ours["tokens_per_s"])}
+            if value["tokens_per_s"] is not None:
+                checks.append({"check": "peftlab-qlora-bf16 >= 0.8x peftlab-lora-bf16 tokens/s",
+                               "value": value["tokens_per_s"], "pass": value["tokens_per_s"] >= 0.8})
+    for name, row in rows.items():  # every bf16 row's eval loss against its fp32 twin's
+        twin = rows.get(name.removesuffix(BF16_SUFFIX)) if is_bf16(name) else None
+        if twin:
+            diff = ratio(row["eval_loss"] - twin["eval_loss"], twin["eval_loss"])
+            checks.append({"check": f"eval loss {name} within 1% of {twin['contender']}", "value": diff,
+                           "pass": abs(diff) <= 0.01})
+    return checks
 
 
 def comparisons(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -248,6 +304,7 @@ def comparisons(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[d
         if ours["mfu"] is not None:
             checks.append({"check": f"{name} MFU >= 60% of GEMM peak", "value": ours["mfu"],
                            "pass": ours["mfu"] >= 0.6})
+    checks += bf16_checks(rows, ratios)
     ours = rows.get("peftlab-lora")
     if ours:
         for other in ("peftlab-qlora", "peftlab-full"):
@@ -259,6 +316,14 @@ def comparisons(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[d
             checks.append({"check": "QLoRA >= 0.8x LoRA tokens/s", "value": q["tokens_per_s"],
                            "pass": q["tokens_per_s"] >= 0.8})
     return ratios, checks
+
+
+def bf16_capability(device: str) -> str:
+    """Whether this device computes bf16 natively (peftlab's own detection), for the report's footer."""
+    from peftlab.precision import NATIVE_BF16_FLAGS, detect
+
+    native = detect(device).native_bf16
+    return native or f"no native bf16 ({' / '.join(NATIVE_BF16_FLAGS)} absent): emulated, slower than fp32"
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -307,9 +372,11 @@ def markdown(report: dict[str, Any]) -> str:
               f"- Data: {report['data']['train_source']} -> {report['data']['eval_source']} "
               f"({report['data']['eval_blocks']} held-out blocks); token blocks sha256 {report['data']['train_sha']} / "
               f"{report['data']['eval_sha']}.",
-              f"- GEMM peak ({g['dtype']} matmul, {g['torch_threads']} threads): {g['gflops']:.1f} GFLOP/s "
-              f"(before {report['gemm_before']['gflops']:.1f}, after {report['gemm_after']['gflops']:.1f}; "
-              "the higher is used).",
+              *[f"- GEMM peak ({dtype} matmul, {g[dtype]['torch_threads']} threads): {g[dtype]['gflops']:.1f} "
+                f"GFLOP/s (before {report['gemm_before'][dtype]['gflops']:.1f}, after "
+                f"{report['gemm_after'][dtype]['gflops']:.1f}; the higher is used for the MFU of the "
+                f"{'bf16' if dtype == 'bfloat16' else 'fp32'} rows)." for dtype in sorted(g)],
+              f"- CPU: {report['machine'].get('cpu') or '?'}; bf16: {report['bf16']}.",
               f"- FLOPs/token: full {FLOPS_FORMULA['full']}; LoRA/QLoRA {FLOPS_FORMULA['lora']}; N = "
               f"{shape['n_matmul']:,} matmul weights (LM head included), N_adapter = {shape['n_adapter']:,}, "
               f"L = {shape['layers']}, T = {s['block_size']}, d_attn = {shape['d_attn']}.",
@@ -345,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {train_blocks} training blocks, {len(data['eval'])} held-out blocks; N={shape['n_matmul']:,}",
           file=sys.stderr)
 
-    gemm_before = measure_gemm(args, env, "before")
+    # The GEMM peak of each precision in play, measured before and after the contenders (the higher counts); the
+    # MFU of a row is taken against its own precision's peak.
+    dtypes = sorted({"bfloat16" if is_bf16(name) else "float32" for name in args.contenders})
+    gemm_before = {dtype: measure_gemm(args, env, "before", dtype) for dtype in dtypes}
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in args.contenders}
     failures: dict[str, str] = {}
     for rep in range(args.repeats):
@@ -367,14 +437,14 @@ def main(argv: list[str] | None = None) -> int:
             s = summarise_steps(result["step_end_s"], result["tokens_cum"])
             print(f"[{tag}] {fmt(s['tokens_per_s'], '.1f')} tok/s, {fmt(s['step_time_median_s'], '.2f')} s/step, "
                   f"eval loss {result['heldout']['eval_loss']:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    gemm_after = measure_gemm(args, env, "after")
-    gemm = max(gemm_before, gemm_after, key=lambda g: g["gflops"])
+    gemm_after = {dtype: measure_gemm(args, env, "after", dtype) for dtype in dtypes}
+    gemm = {dtype: max(gemm_before[dtype], gemm_after[dtype], key=lambda g: g["gflops"]) for dtype in dtypes}
 
     rows = {}
     for name, runs in raw.items():
         if runs:
-            method = "full" if name.endswith("full") else "lora"
-            rows[name] = aggregate(name, runs, flops_per_token(shape, method, args.block_size), gemm["gflops"])
+            flops = flops_per_token(shape, "full" if method_of(name) == "full" else "lora", args.block_size)
+            rows[name] = aggregate(name, runs, flops, gemm["bfloat16" if is_bf16(name) else "float32"]["gflops"])
     ratios, checks = comparisons(rows)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
@@ -386,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                   "per_token": {m: flops_per_token(shape, m, args.block_size) for m in ("full", "lora")}},
         "gemm": gemm, "gemm_before": gemm_before, "gemm_after": gemm_after,
         "rows": rows, "ratios": ratios, "checks": checks, "failures": failures,
-        "machine": machine_info(), "versions": package_versions(),
+        "machine": machine_info(), "versions": package_versions(), "bf16": bf16_capability(args.device),
     }
     table = markdown(report)
     write_json(args.out / "results.json", report)

@@ -72,6 +72,19 @@ def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model_name(cpuinfo_path: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's model name as /proc/cpuinfo gives it, if there is one."""
+    try:
+        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "model name":
+            return value.strip()
+    return None
+
+
 def resolve(requested: str, caps: Capabilities) -> Precision:
     """The precision a run uses, for a requested one (``auto`` or explicit) on a device with these capabilities."""
     if requested not in PRECISIONS:

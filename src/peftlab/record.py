@@ -80,7 +80,10 @@ def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
+    from peftlab.precision import cpu_model_name, detect
+
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
+                            "cpu": cpu_model_name(), "cpu_native_bf16": detect("cpu").native_bf16,
                             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
