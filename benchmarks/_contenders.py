@@ -145,7 +145,8 @@ def train_with(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     # bf16=True is the trainers' own mixed precision: bf16 autocast over the fp32 weights (on CPU too)
     common = dict(output_dir=tempfile.mkdtemp(prefix=f"bench-{kind}-"), per_device_train_batch_size=args.batch_size,
                   gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, max_steps=args.steps,
-                  seed=args.seed, save_strategy="no", report_to="none", bf16=args.bf16)
+                  seed=args.seed, save_strategy="no", report_to="none", bf16=args.bf16,
+                  use_cpu=device.type == "cpu")  # without it, bf16=True is refused on a CPU-only machine
     if kind == "hf":
         model = get_peft_model(model, lora_config(args))
         ids = train_blocks.tolist()

@@ -45,8 +45,9 @@ REPO = HERE.parent
 FP32_CONTENDERS = ("peftlab-lora", "peftlab-lora-2proc", "hf-trainer-lora", "trl-sft-lora", "peftlab-full",
                    "peftlab-qlora")
 BF16_SUFFIX = "-bf16"  # peftlab --precision bf16-mixed (QLoRA: bf16 compute); HF Trainer / TRL bf16=True
+BF16_TRUE_SUFFIX = "-bf16true"  # peftlab --precision bf16-true (every weight and state in bf16)
 BF16_CONTENDERS = ("peftlab-lora-bf16", "hf-trainer-lora-bf16", "trl-sft-lora-bf16", "peftlab-qlora-bf16",
-                   "peftlab-full-bf16")
+                   "peftlab-full-bf16", "peftlab-lora-bf16true")
 CONTENDERS = FP32_CONTENDERS + BF16_CONTENDERS
 OURS_LORA = ("peftlab-lora", "peftlab-lora-2proc")  # one process with all threads; two processes of one share each
 MULTI_PROCESS_SUFFIX = "-2proc"
@@ -54,12 +55,17 @@ BASELINES = ("hf-trainer-lora", "trl-sft-lora")
 
 
 def is_bf16(name: str) -> bool:
-    return name.endswith(BF16_SUFFIX)
+    return name.endswith((BF16_SUFFIX, BF16_TRUE_SUFFIX))
+
+
+def peftlab_precision(name: str) -> str:
+    """The --precision of a peftlab contender."""
+    return "bf16-true" if name.endswith(BF16_TRUE_SUFFIX) else "bf16-mixed" if is_bf16(name) else "fp32"
 
 
 def method_of(name: str) -> str:
     """The method a contender trains: full, qlora or lora."""
-    base = name.removesuffix(BF16_SUFFIX).removesuffix(MULTI_PROCESS_SUFFIX)
+    base = name.removesuffix(BF16_SUFFIX).removesuffix(BF16_TRUE_SUFFIX).removesuffix(MULTI_PROCESS_SUFFIX)
     return "full" if base.endswith("full") else "qlora" if base.endswith("qlora") else "lora"
 
 
@@ -145,7 +151,7 @@ def run_peftlab(args: argparse.Namespace, name: str, tag: str, paths: dict[str, 
     run_dir = args.out / "runs" / tag
     if processes > 1:  # the launcher gives each process its share of the cores
         env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    precision = "bf16-mixed" if is_bf16(name) else "fp32"
+    precision = peftlab_precision(name)
     wall = run_logged(peftlab_command(args, method, run_dir, train_blocks, processes, precision),
                       args.out / "logs" / f"{tag}.log", env, args.timeout)
     from peftlab.record import RunRecord  # the one reader of results.json
@@ -209,7 +215,7 @@ def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: 
     return {
         "contender": name,
         "method": method_of(name),
-        "precision": "bf16" if is_bf16(name) else "fp32",
+        "precision": peftlab_precision(name) if name.startswith("peftlab") else "bf16" if is_bf16(name) else "fp32",
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_runs": speeds,
         "step_time_median_s": statistics.median(steady) if steady else None,
@@ -267,7 +273,7 @@ def bf16_checks(rows: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> list
                 checks.append({"check": "peftlab-qlora-bf16 >= 0.8x peftlab-lora-bf16 tokens/s",
                                "value": value["tokens_per_s"], "pass": value["tokens_per_s"] >= 0.8})
     for name, row in rows.items():  # every bf16 row's eval loss against its fp32 twin's
-        twin = rows.get(name.removesuffix(BF16_SUFFIX)) if is_bf16(name) else None
+        twin = rows.get(name.removesuffix(BF16_SUFFIX).removesuffix(BF16_TRUE_SUFFIX)) if is_bf16(name) else None
         if twin:
             diff = ratio(row["eval_loss"] - twin["eval_loss"], twin["eval_loss"])
             checks.append({"check": f"eval loss {name} within 1% of {twin['contender']}", "value": diff,

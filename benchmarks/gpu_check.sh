@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check (issue 7): the training benchmark on CUDA -- bf16, bitsandbytes 4-bit, SDPA attention (flash kernels
-# where PyTorch has them) -- printing tokens/s, MFU (against the bf16 GEMM peak measured in the same call) and peak
-# allocated / reserved CUDA memory for peftlab LoRA, QLoRA and full fine-tuning (plus HF Trainer + peft LoRA in
-# bf16 for reference). Fits in one 10-minute call. CI does not run it.
+# GPU check (issues 7 and 12): the training benchmark on CUDA -- fp32, bf16-mixed and bf16-true, bitsandbytes 4-bit,
+# SDPA attention (flash kernels where PyTorch has them) -- printing tokens/s, MFU (against the GEMM peak of the
+# row's precision, measured in the same call) and peak allocated / reserved CUDA memory for peftlab LoRA (fp32,
+# bf16-mixed, bf16-true), QLoRA and full fine-tuning in bf16-mixed, plus HF Trainer + peft LoRA with bf16=True for
+# reference (CONTENDERS= overrides the list). Fits in one 10-minute call. CI does not run it.
 #
 # Two ways to run it:
 #
@@ -127,7 +128,7 @@ EOF
     local gemm=(--gemm-sizes 4096,8192 --gemm-repeats 10)
     [ "$DEVICE" = cuda ] || gemm=(--gemm-sizes 512,1024 --gemm-repeats 3)
     timeout 540 "$py" benchmarks/bench_trainers.py --device "$DEVICE" --model "$model" --steps "$STEPS" \
-        --eval-blocks 64 --contenders peftlab-lora,peftlab-qlora,peftlab-full,hf-trainer-lora "${gemm[@]}" \
+        --eval-blocks 64 --contenders "${CONTENDERS:-peftlab-lora,peftlab-lora-bf16,peftlab-lora-bf16true,peftlab-qlora-bf16,peftlab-full-bf16,hf-trainer-lora-bf16}" "${gemm[@]}" \
         --out "$work/results" || status=$?
     echo "model: $note; $STEPS optimizer steps per row, batch 4 x accumulation 8, blocks of 128"
     [ -f "$work/results/results.md" ] && cp "$work/results/results.md" "$work/results/results.json" "$out/"

@@ -1,4 +1,5 @@
-"""Memory benchmark: full fine-tuning, LoRA (8,16) and QLoRA (8,16) on smollm2-135m, measured and predicted.
+"""Memory benchmark: full fine-tuning, LoRA (8,16) and QLoRA (8,16) on smollm2-135m, measured and predicted, in fp32
+and bf16-mixed (``--precisions``).
 
 Each method trains in its own fresh process (`peftlab train`, WikiText-2 blocks of 128 tokens from the offline
 mirror, batch 4, no accumulation, a few optimizer steps), one after the other. The table gives the training-phase
@@ -36,26 +37,30 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 TOLERANCE = 0.15
 
 
-def train_command(method: str, args: argparse.Namespace, run_dir: Path) -> list[str]:
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
+def train_command(method: str, args: argparse.Namespace, run_dir: Path, precision: str = "fp32") -> list[str]:
     """The `peftlab train` argument list for one method (no shell)."""
     cmd = [sys.executable, "-m", "peftlab", "train", "--model", args.model, "--method", method,
            "--dataset", "wikitext-2-raw-v1", "--block-size", str(args.block_size), "--batch-size",
            str(args.batch_size), "--grad-accum", "1", "--max-steps", str(args.steps), "--train-subset",
            str(args.steps * args.batch_size), "--eval-subset", str(args.eval_subset), "--lr", str(LR[method]),
-           "--device", args.device, "--output-dir", str(run_dir), "--overwrite", "--set", "max_new_tokens=8"]
+           "--device", args.device, "--precision", precision, "--output-dir", str(run_dir), "--overwrite",
+           "--set", "max_new_tokens=8"]
     if method != "full":
         cmd += ["--r", "8", "--alpha", "16"]
     return cmd
 
 
-def run_method(method: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def run_method(method: str, args: argparse.Namespace, out: Path, precision: str = "fp32") -> dict[str, Any]:
     """Train one method in a fresh process; return its results.json and what was run."""
-    run_dir = out / "runs" / method
-    cmd = train_command(method, args, run_dir)
+    run_dir = out / "runs" / f"{method}-{precision}"
+    cmd = train_command(method, args, run_dir, precision)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if not args.default_allocator:
         env.update(ALLOCATOR_ENV)
-    log = out / "logs" / f"{method}.log"
+    log = out / "logs" / f"{method}-{precision}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:
@@ -91,13 +96,13 @@ def predict(results: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
-def summarise(method: str, run: dict[str, Any]) -> dict[str, Any]:
+def summarise(method: str, run: dict[str, Any], precision: str = "fp32") -> dict[str, Any]:
     """One table row."""
     results = run["results"]
     measured, kind = measured_peak_gb(results)
     plan = predict(results)
     before, after = results["metrics"]["before"]["perplexity"], results["metrics"]["after"]["perplexity"]
-    return {"method": method, "measured_peak_gb": measured, "measured_kind": kind,
+    return {"method": method, "precision": precision, "measured_peak_gb": measured, "measured_kind": kind,
             "load_peak_gb": results["memory"]["load"].get("cpu_peak_rss_gb"),
             "tokens_per_s": results["timing"]["tokens_per_s"], "optimizer_steps": results["timing"]["optimizer_steps"],
             "ppl_before": before, "ppl_after": after, "trainable_params": results["params"]["trainable_params"],
@@ -108,9 +113,11 @@ def summarise(method: str, run: dict[str, Any]) -> dict[str, Any]:
 def checks(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
     """The issue's done-when conditions."""
     out = {}
-    if all(m in rows for m in METHODS):
-        peak = {m: rows[m]["measured_peak_gb"] for m in METHODS}
-        out["qlora < lora < full (training-phase peak)"] = peak["qlora"] < peak["lora"] < peak["full"]
+    for precision in PRECISIONS:
+        keys = {m: f"{m} {precision}" for m in METHODS}
+        if all(k in rows for k in keys.values()):
+            peak = {m: rows[k]["measured_peak_gb"] for m, k in keys.items()}
+            out[f"{precision}: qlora < lora < full (training-phase peak)"] = peak["qlora"] < peak["lora"] < peak["full"]
     for m, row in rows.items():
         out[f"{m}: perplexity falls"] = row["ppl_after"] < row["ppl_before"]
         out[f"{m}: prediction within {TOLERANCE:.0%}"] = abs(row["error_pct"]) <= 100 * TOLERANCE
@@ -124,8 +131,9 @@ def format_table(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['batch_size']}, {meta['steps']} optimizer steps, allocator: {meta['allocator']}", "",
              "| Method | Training-phase peak (GiB) | Predicted (GiB) | Error | Tokens/s | Perplexity before -> after |"
              " Trainable params |", "|---|---|---|---|---|---|---|"]
-    for m, r in rows.items():
-        lines.append(f"| {name.get(m, m)} | {r['measured_peak_gb']:.3f} | {r['predicted_peak_gb']:.3f} | "
+    for r in rows.values():
+        label = f"{name.get(r['method'], r['method'])} {r['precision']}"
+        lines.append(f"| {label} | {r['measured_peak_gb']:.3f} | {r['predicted_peak_gb']:.3f} | "
                      f"{r['error_pct']:+.1f}% | {r['tokens_per_s']:.1f} | {r['ppl_before']:.2f} -> "
                      f"{r['ppl_after']:.2f} | {r['trainable_params']:,} |")
     lines += ["", "Predicted components (GiB): " + "; ".join(
@@ -147,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--eval-subset", type=int, default=16, help="evaluation blocks (default 16)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precisions", default="fp32,bf16-mixed", help="comma-separated subset of fp32,bf16-mixed")
     parser.add_argument("--default-allocator", action="store_true",
                         help="do not set MALLOC_MMAP_THRESHOLD_ for the training processes")
     args = parser.parse_args(argv)
@@ -156,11 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    if any(x not in PRECISIONS for x in precisions):
+        parser.error(f"--precisions: choose from {', '.join(PRECISIONS)}")
     runs, rows = {}, {}
-    for method in methods:
-        print(f"training {method} ...", file=sys.stderr, flush=True)
-        runs[method] = run_method(method, args, out)
-        rows[method] = summarise(method, runs[method])
+    for precision in precisions:
+        for method in methods:
+            key = f"{method} {precision}"
+            print(f"training {key} ...", file=sys.stderr, flush=True)
+            runs[key] = run_method(method, args, out, precision)
+            rows[key] = summarise(method, runs[key], precision)
     meta = {"model": args.model, "device": args.device, "block_size": args.block_size, "batch_size": args.batch_size,
             "steps": args.steps, "allocator": "glibc defaults" if args.default_allocator else
             "MALLOC_MMAP_THRESHOLD_=131072 (large allocations returned to the OS on free)"}

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16-true"],
+                   help="peftlab precision of the model and of both loss paths (default fp32)")
     return p.parse_args(argv)
 
 
@@ -106,24 +108,33 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PEFTLAB_DATA_DIR", str(HERE.parent.parent / "shared" / "datasets"))
     from peftlab.configure import load_config
     from peftlab.methods import get_method
+    from peftlab.precision import compute_context
     from peftlab.tasks import TASKS
     from peftlab.train import prepare_model
 
     cfg = load_config(None, {"model": args.model, "method": "lora", "r": 8, "alpha": 16, "dropout": args.dropout,
-                             "block_size": args.block_size})
+                             "block_size": args.block_size, "precision": args.precision})
     task = TASKS["clm"](cfg)
-    _, model = prepare_model(cfg, task, get_method("lora"))
+    loaded, model = prepare_model(cfg, task, get_method("lora"))
     model.train()
     need = args.batch_size * max(args.repeats, 2)
     blocks = torch.tensor(workload_blocks(args.model, args.block_size, need, 1)["train"], dtype=torch.long)
     batches = [{"input_ids": b, "labels": b, "attention_mask": torch.ones_like(b)}
                for b in blocks.split(args.batch_size)]
-    peak = gemm_peak([1024, 2048], 2, torch.float32, torch.device("cpu"))
+    compute = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    peak = gemm_peak([1024, 2048], 2, compute, torch.device("cpu"))
     tokens = args.batch_size * args.block_size
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # adapters too
     flops = 4 * n_matmul * tokens  # LoRA: 2N forward + 2N backward through the activations (adapters ~0.3% more)
 
-    paths = {"peftlab (chunked loss)": lambda m, b: task.loss(m, b), "HF (model computes the loss)": hf_loss_sum}
+    def in_precision(fn):  # both paths run their forward in the run's precision, as the training loop does
+        def run(m, b):
+            with compute_context(loaded.precision, "cpu"):
+                return fn(m, b)
+        return run
+
+    paths = {"peftlab (chunked loss)": in_precision(task.loss),
+             "HF (model computes the loss)": in_precision(hf_loss_sum)}
     results = {name: measure(fn, model, batches, args.repeats) for name, fn in paths.items()}
     hf = results["HF (model computes the loss)"]
     lines = [f"| path | s / micro-batch | {' | '.join(list(GROUPS) + ['other'])} | matmul GFLOP/s |",
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"- Amdahl bound: with matmuls and attention as fast as in the HF path and everything else free, "
                   f"a micro-batch takes at least {floor:.3f} s: at most {bound:.2f}x the HF path's speed on "
                   f"{torch.get_num_threads()} thread(s).",
-              f"- GEMM peak here: {peak['gflops']:.1f} GFLOP/s (float32, {torch.get_num_threads()} threads); matmul "
+              f"- GEMM peak here: {peak['gflops']:.1f} GFLOP/s ({compute}, {torch.get_num_threads()} threads); matmul "
               f"FLOPs per micro-batch: 4 x {n_matmul:,} weights x {tokens} tokens.",
               f"- Command: `{' '.join(['python', 'benchmarks/profile_step.py', *(argv or sys.argv[1:])])}`"]
     table = "\n".join(lines) + "\n"

@@ -15,13 +15,16 @@ SHARED_DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", REPO.parent / "shared" / "
 os.environ["PEFTLAB_DATA_DIR"] = str(SHARED_DATA)
 
 
-@pytest.fixture(autouse=True)
-def auto_precision_is_fp32(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def auto_precision_is_fp32():
     """In-process, ``precision: auto`` resolves as on a CPU without native bf16 (fp32) on every host, so tests that
-    compare numbers do not depend on which CPU runs them; bf16 tests ask for their precision explicitly."""
+    compare numbers do not depend on which CPU runs them; bf16 tests ask for their precision explicitly. (Session
+    scope: module-scoped model fixtures load under it too. Subprocess tests pass --precision themselves.)"""
     from peftlab import precision
 
-    monkeypatch.setattr(precision, "detect", lambda device, cpuinfo_path=None: precision.Capabilities(device))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "detect", lambda device, cpuinfo_path=None: precision.Capabilities(device))
+        yield
 
 
 @pytest.fixture
