@@ -106,10 +106,11 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: int) -> 
                               check=False)
     if proc.returncode != 0:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        # The raised exception's line (the last "...Error: ..." line of the traceback), else the exit code.
         errors = [ln for ln in lines if ln.strip() and ("Error" in ln or "error:" in ln)]
-        first = errors[-1].strip() if errors else f"exit code {proc.returncode}"
+        error = errors[-1].strip() if errors else f"exit code {proc.returncode}"
         tail = "\n".join(lines[-15:])
-        raise RuntimeError(f"{first} (exit code {proc.returncode}, log: {log})\n{tail}")
+        raise RuntimeError(f"{error} (exit code {proc.returncode}, log: {log})\n{tail}")
     return time.perf_counter() - t0
 
 
@@ -349,16 +350,17 @@ def markdown(report: dict[str, Any]) -> str:
               f"{s['target_modules']}, lr {s['lr']}, micro-batch {s['batch_size']} x accumulation {s['grad_accum']}, "
               f"precision {s['precision']} (peftlab {PEFTLAB_PRECISION[s['precision']]}, HF/TRL "
               f"bf16={s['precision'] == 'bf16'}), "
-              + (f"at most {s['steps']} optimizer steps" if s["steps"] else "one epoch") + ", device "
-              f"{s['device']}.",
+              + (f"at most {s['steps']} optimizer step(s) (a smoke-test cap: packed contenders then train on more "
+                 "examples than padded ones, so the budgets differ)" if s["steps"] else
+                 "one epoch (every example once, for every contender)") + f", device {s['device']}.",
               f"- Data: {d['train_examples']} training examples of {d['train_source']} ({d['train_tokens']} tokens, "
               f"{d['train_label_tokens']} labelled; lengths {d['length_min']}-{d['length_max']}, mean "
               f"{d['length_mean']:.1f}), prompt template {d['template']}, max_length {s['max_length']}; "
               f"{d['eval_examples']} eval examples of {d['eval_source']}; peftlab's packing makes "
               f"{d['peftlab_packed_rows']} rows. All contenders train on the same encoded examples.",
-              "- real tokens/s and s/step exclude the first (warm-up) optimizer step; padding = 1 - real tokens / "
-              "tokens incl. padding, over all steps; response eval loss = total NLL over response tokens / response "
-              "tokens, float32, computed outside every trainer"
+              "- real tokens/s and s/step exclude the first (warm-up) optimizer step (with one step, the whole run); "
+              "padding = 1 - real tokens / tokens incl. padding, over all steps; response eval loss = total NLL over "
+              "response tokens / response tokens, float32, computed outside every trainer"
               + (f" (peftlab's own figure differs by at most {max(own):.1e})." if own else "."),
               f"- CPU: {cpu['model_name']} ({cpu['cores']} cores), bf16 flags: "
               f"{', '.join(cpu['bf16_flags']) or 'none'}."]
