@@ -262,6 +262,7 @@ def row_of(name: str, run: dict[str, Any]) -> dict[str, Any]:
         "eval_tokens": run["heldout"]["eval_tokens"],
         "own_eval_loss": run.get("own_eval_loss"),
         "train_rows": run.get("train_rows"),
+        "label_tokens": run.get("label_tokens"),
         "summary": s,
         "raw": run,
     }
@@ -345,6 +346,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"| {c['check']} | {c['value']:.3f}x | {'yes' if c['pass'] else 'NO'} |")
     s, d, cpu = report["settings"], report["data"], report["cpu"]
     own = [abs(r["own_eval_loss"] - r["eval_loss"]) for r in report["rows"].values() if r.get("own_eval_loss")]
+    counted = {r["contender"]: r["label_tokens"] for r in report["rows"].values() if r.get("label_tokens") is not None}
     lines += ["", f"- Command: `{report['command']}`",
               f"- Workload: {s['model']} LoRA r {s['r']} / alpha {s['alpha']:g} / dropout {s['dropout']} on "
               f"{s['target_modules']}, lr {s['lr']}, micro-batch {s['batch_size']} x accumulation {s['grad_accum']}, "
@@ -357,7 +359,9 @@ def markdown(report: dict[str, Any]) -> str:
               f"{d['train_label_tokens']} labelled; lengths {d['length_min']}-{d['length_max']}, mean "
               f"{d['length_mean']:.1f}), prompt template {d['template']}, max_length {s['max_length']}; "
               f"{d['eval_examples']} eval examples of {d['eval_source']}; peftlab's packing makes "
-              f"{d['peftlab_packed_rows']} rows. All contenders train on the same encoded examples.",
+              f"{d['peftlab_packed_rows']} rows. All contenders train on the same encoded examples"
+              + (" (labelled tokens counted in the HF/TRL micro-batches: "
+                 + ", ".join(f"{k} {v}" for k, v in counted.items()) + ")." if counted else "."),
               "- real tokens/s and s/step exclude the first (warm-up) optimizer step (with one step, the whole run); "
               "padding = 1 - real tokens / tokens incl. padding, over all steps; response eval loss = total NLL over "
               "response tokens / response tokens, float32, computed outside every trainer"
