@@ -153,3 +153,22 @@ def test_dtype_still_works_as_an_alias_with_a_note(capsys):
     cfg = load_config(None, {"dtype": "float32"})
     assert cfg.precision == "fp32"
     assert "alias of precision" in capsys.readouterr().err
+
+
+def test_fp32_attention_keeps_the_bf16_loss_curve(tmp_path):
+    """Attention in fp32 under bf16 on CPU (the default, for speed) leaves the loss curve of bf16 attention."""
+    fast = run(tmp_path, "fp32-attention", precision="bf16-mixed", fp32_attention=True, max_steps=8)
+    plain = run(tmp_path, "bf16-attention", precision="bf16-mixed", fp32_attention=False, max_steps=8)
+    assert loss_curve(fast) == pytest.approx(loss_curve(plain), rel=2e-3)
+
+
+def test_fp32_attention_is_used_only_under_bf16_on_cpu_and_never_saved(tmp_path):
+    from peftlab.attention import NAME
+
+    mixed = load_model(load_config(None, {"model": "tiny-llama", "precision": "bf16-mixed"})).model
+    assert mixed.config._attn_implementation == NAME
+    plain = load_model(load_config(None, {"model": "tiny-llama", "precision": "fp32"})).model
+    assert plain.config._attn_implementation == "sdpa"
+    results = run(tmp_path, "full", method="full", precision="bf16-mixed", max_steps=1)
+    saved = json.loads((Path(results["run_dir"]) / "model" / "config.json").read_text())
+    assert NAME not in json.dumps(saved)  # a saved model loads anywhere, with transformers' own attention

@@ -91,6 +91,8 @@ class RunConfig(BaseModel):
     fused_optimizer: bool = Field(True, description="Fused AdamW kernel (one kernel over all parameters); off: "
                                   "torch's default foreach implementation.")
     compile: bool = Field(False, description="torch.compile the model (inductor); off by default.")
+    fp32_attention: bool = Field(True, description="Under bf16 precisions on CPU, compute attention in fp32 "
+                                 "(CPU's bf16 attention backward is several times slower); no effect on CUDA.")
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice).")
 
     # --- output, logging, checkpoints -----------------------------------------------------------------------

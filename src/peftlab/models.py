@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftlab.attention import use_fp32_attention
 from peftlab.errors import UserError
 from peftlab.precision import Precision, cast_frozen_matmuls, weight_dtype
 from peftlab.precision import for_device as precision_for_device
@@ -316,6 +317,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         model.to(device)
     if precision.name == "bf16-mixed" and not trainable_base:
         cast_frozen_matmuls(model, keep=set(new_modules))
+    use_fp32_attention(model, precision, device, cfg.fp32_attention)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
                        precision=precision, new_modules=new_modules)
 
