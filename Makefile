@@ -25,7 +25,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_data_prep.py --out runs/bench/data_prep --repeats 5
-	$(BIN)/python benchmarks/bench_trainers.py --out runs/bench/trainers --steps 6
+	$(BIN)/python benchmarks/bench_trainers.py --out runs/bench/trainers-bf16 --steps 4 --contenders all
+	$(BIN)/python benchmarks/bench_instruction.py --out runs/bench/instruction
 
 study: setup
 	$(BIN)/peftlab sweep configs/cpu.yaml --output-dir sweeps/cpu

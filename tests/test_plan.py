@@ -200,3 +200,29 @@ def test_estimate_for_an_unsupported_model_is_marked_unavailable():
 
     estimate = estimate_for_run(load_config(None, {"model": "tiny-llama"}), Encoder())
     assert estimate["available"] is False and "Llama-style" in estimate["reason"]
+
+
+def test_each_precision_has_its_weight_terms(tiny_folder):
+    """fp32: every weight 4 bytes; bf16-mixed: a frozen base's matmul weights 2 bytes (embeddings, a tied head and
+    norms 4), fp32 adapters, and for full fine-tuning fp32 masters plus autocast's bf16 copies of the matmuls;
+    bf16-true: everything 2 bytes."""
+    arch = load_arch(str(tiny_folder))
+    total, matmuls = arch.total_params(), arch.matmul_params()
+    assert 0 < matmuls < total
+
+    def plan(method: str, precision: str):
+        return plan_memory(arch, PlanInput(method=method, precision=precision, batch_size=1, seq_len=8,
+                                           grad_accum=1), RUNTIME).components
+
+    assert plan("lora", "fp32")["base_weights"] == 4 * total
+    assert plan("lora", "bf16-mixed")["base_weights"] == 2 * matmuls + 4 * (total - matmuls)
+    assert plan("lora", "bf16-true")["base_weights"] == 2 * total
+    assert plan("lora", "bf16-mixed")["trainable_weights"] == plan("lora", "fp32")["trainable_weights"]
+    full_fp32, full_mixed = plan("full", "fp32"), plan("full", "bf16-mixed")
+    assert full_mixed["trainable_weights"] == full_fp32["trainable_weights"] == 4 * total
+    assert full_mixed["optimizer_states"] == full_fp32["optimizer_states"]
+    # bf16 activations halve, but autocast keeps a bf16 copy of every matmul weight through forward/backward
+    acts_fp32 = full_fp32["activations"]
+    assert full_mixed["activations"] > 2 * matmuls > 0 and full_mixed["activations"] - 2 * matmuls < acts_fp32
+    with pytest.raises(UserError, match="precision"):
+        plan("lora", "fp16")

@@ -317,6 +317,9 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         model.to(device)
     if precision.name == "bf16-mixed" and not trainable_base:
         cast_frozen_matmuls(model, keep=set(new_modules))
+        # the fp32 weights still mapped from the checkpoint file (and touched by the cast) would otherwise stay
+        # resident next to their bf16 copies
+        detach_from_checkpoint_file(model)
     use_fp32_attention(model, precision, device, cfg.fp32_attention)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
                        precision=precision, new_modules=new_modules)

@@ -37,7 +37,9 @@ activations, notes); this module never asks for a method by name. The terms of t
   all trainable weights.
 * **activations** (tensors saved for backward, per token and layer): frozen base: norm inputs 2h, q and attention
   output 2 q_dim, k and v 2 kv_dim (SDPA keeps GQA unexpanded), MLP 3 i (activation input/output, up), at ``a`` bytes,
-  plus per token 2 norm statistics and one log-sum-exp per head in fp32. Full fine-tuning adds the inputs the weight
+  plus per token 2 norm statistics and one log-sum-exp per head in fp32 (``a`` is the compute dtype's size; under
+  bf16-mixed the norm inputs stay fp32, the residual stream being fp32, and on CPU the attention tensors too, where
+  attention runs in fp32). Full fine-tuning adds the inputs the weight
   gradients need: 2h normalized + 2h norm outputs + i (down_proj input), and 3h at the head. LoRA adds per target
   r (fp32) and, with dropout, its output and mask (CPU: 2 d_in fp32; CUDA: d_in fp32 + d_in bool). Gradient
   checkpointing keeps only each layer's input (h) plus one layer recomputed. QLoRA computes activations in fp32.
@@ -79,7 +81,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 PLANNED_PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 #: PlanInput fields that describe the run (the rest of a PlanInput's keyword arguments are method fields).
 RUN_INPUTS = ("batch_size", "seq_len", "grad_accum", "optimizer", "gradient_checkpointing", "device", "precision",
-              "vocab_logits", "chunked_ce", "fused_optimizer")
+              "vocab_logits", "chunked_ce", "fused_optimizer", "fp32_attention")
 
 
 @dataclass(init=False)
@@ -105,6 +107,7 @@ class PlanInput:
     vocab_logits: bool  # a language-modelling head (False: a classifier with few outputs)
     chunked_ce: bool
     fused_optimizer: bool
+    fp32_attention: bool
 
     def __init__(self, method: str | None = None, fields: dict[str, Any] | None = None,
                  user_set: tuple[str, ...] | None = None, **kwargs: Any) -> None:
@@ -121,7 +124,7 @@ class PlanInput:
                "grad_accum": field_default("grad_accum"), "optimizer": "adamw",
                "gradient_checkpointing": field_default("gradient_checkpointing"), "device": "cpu",
                "precision": "fp32", "vocab_logits": True, "chunked_ce": field_default("chunked_ce"),
-               "fused_optimizer": field_default("fused_optimizer")}
+               "fused_optimizer": field_default("fused_optimizer"), "fp32_attention": field_default("fp32_attention")}
         run.update({k: v for k, v in kwargs.items() if k in RUN_INPUTS})
         for key, value in run.items():
             setattr(self, key, value)
@@ -185,7 +188,11 @@ def activation_bytes_per_token(arch: Arch, inp: PlanInput, terms: PlanTerms | No
     terms = terms or method_terms(arch, inp)
     a = get_method(inp.method).activation_element_bytes(inp)
     h, i, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
-    layer = a * (2 * h + 2 * q + 2 * kv + 3 * i) + 4 * (2 + arch.num_heads) + terms.activation_bytes_per_token_layer
+    # bf16-mixed keeps the residual stream, so the norm inputs, in fp32; attention on CPU runs in fp32 under bf16
+    norm_a = 4 if inp.precision == "bf16-mixed" else a
+    attn_a = 4 if inp.device == "cpu" and inp.precision != "fp32" and inp.fp32_attention else a
+    layer = (norm_a * 2 * h + attn_a * (2 * q + 2 * kv) + a * 3 * i + 4 * (2 + arch.num_heads)
+             + terms.activation_bytes_per_token_layer)
     head = a * h + terms.activation_bytes_per_token_head
     if inp.gradient_checkpointing:
         return arch.num_layers * a * h + layer + head, layer
@@ -279,7 +286,7 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
                      batch_size=cfg.batch_size, seq_len=seq_len, grad_accum=cfg.grad_accum, optimizer=optimizer,
                      gradient_checkpointing=cfg.gradient_checkpointing, device=device, precision=precision,
                      vocab_logits=task_kind == "causal_lm", chunked_ce=cfg.chunked_ce,
-                     fused_optimizer=cfg.fused_optimizer)
+                     fused_optimizer=cfg.fused_optimizer, fp32_attention=cfg.fp32_attention)
 
 
 def loaded_weight_bytes(model) -> dict[str, int]:
