@@ -37,7 +37,9 @@ def data_dir() -> Path:
 
 def tiny_overrides(tmp_path: Path, **extra) -> dict:
     """A fast clm run on tiny-llama: few blocks, small batches."""
+    # precision fp32: the same numbers in-process and in a subprocess (where `auto` follows the host's CPU)
     base = dict(model="tiny-llama", dataset="wikitext-2-raw-v1", train_subset=32, eval_subset=8, batch_size=4,
-                grad_accum=2, lr=1e-2, output_dir=str(tmp_path / "run"), eval_before=True, max_new_tokens=8)
+                grad_accum=2, lr=1e-2, output_dir=str(tmp_path / "run"), eval_before=True, max_new_tokens=8,
+                precision="fp32")
     base.update(extra)
     return base

@@ -56,3 +56,22 @@ def test_detect_reads_a_cpuinfo_file(tmp_path):
     path.write_text(ZEN4)
     assert detect("cpu", path).native_bf16 == "CPU has avx512_bf16"
     assert detect("cpu", tmp_path / "missing").native_bf16 is None
+
+
+def test_cpu_model_name_is_read_from_cpuinfo(tmp_path):
+    from peftlab.precision import cpu_model_name
+
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14 96-Core Processor\nflags\t: avx512_bf16\n")
+    assert cpu_model_name(path) == "AMD EPYC 9R14 96-Core Processor"
+    assert cpu_model_name(tmp_path / "missing") is None
+
+
+def test_planner_resolves_auto_and_takes_explicit_precisions():
+    from peftlab.configure import load_config
+    from peftlab.plan.memory import plan_input_from_config
+
+    # conftest: in-process `auto` resolves as on a CPU without native bf16
+    assert plan_input_from_config(load_config(None, {"device": "cpu"})).precision == "fp32"
+    assert plan_input_from_config(load_config(None, {"device": "cpu", "precision": "bf16-mixed"})).precision == \
+        "bf16-mixed"

@@ -61,7 +61,7 @@ def test_bf16_loss_curve_follows_fp32(tmp_path, method, precision):
 
 
 def test_auto_is_recorded_with_its_reason(tmp_path):
-    results = run(tmp_path, "auto", max_steps=1)
+    results = run(tmp_path, "auto", precision="auto", max_steps=1)
     # conftest makes `auto` resolve as on a CPU without native bf16
     assert (results["model"]["precision"], results["model"]["precision_reason"]) == ("fp32", "auto: CPU has no "
                                                                                     "native bf16")
