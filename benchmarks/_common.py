@@ -20,7 +20,9 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,30 @@ def write_json(path: Path, data: Any) -> None:
     """Pretty JSON, parent folders created."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: int, cwd: Path) -> float:
+    """Run a command (argument list, no shell) with its output in a log file; return its wall seconds. On failure,
+    raise with the raised exception's line (the last "...Error: ..." line of the log), the log's path and tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=timeout,
+                              check=False)
+    if proc.returncode != 0:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        errors = [ln for ln in lines if ln.strip() and ("Error" in ln or "error:" in ln)]
+        error = errors[-1].strip() if errors else f"exit code {proc.returncode}"
+        tail = "\n".join(lines[-15:])
+        raise RuntimeError(f"{error} (exit code {proc.returncode}, log: {log})\n{tail}")
+    return time.perf_counter() - t0
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -27,24 +27,30 @@ import numpy as np
 import torch
 from _common import gemm_peak, heldout_loss, read_peak_rss_gb, write_json
 
+IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TokenCounter:
-    """Counts the real (attention-mask) tokens of the micro-batches a trainer trains on.
+    """Counts, per micro-batch a trainer trains on, the real tokens, the tokens incl. padding and the label tokens.
 
-    It wraps ``trainer.training_step`` rather than the data collator: accelerate's data loader fetches one batch
-    ahead, so counting at the collator would credit a step with a batch of the next one.
+    Real tokens: the attention mask's sum; without a mask (TRL's padding-free batches: one flattened row of real
+    tokens) every input id. It wraps ``trainer.training_step`` rather than the data collator: accelerate's data
+    loader fetches one batch ahead, so counting at the collator would credit a step with a batch of the next one.
     """
 
     def __init__(self, trainer) -> None:
-        self.tokens = 0
+        self.tokens = self.padded = self.labels = 0
         self.inner = trainer.training_step
         trainer.training_step = self
 
     def __call__(self, model, inputs, *args, **kwargs):
         mask = inputs.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        self.padded += int(inputs["input_ids"].numel())
+        labels = inputs.get("labels")
+        if labels is not None:
+            self.labels += int((labels != IGNORE_INDEX).sum())
         return self.inner(model, inputs, *args, **kwargs)
 
 

@@ -32,29 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import write_json
-from _contenders import lora_config, memory_report, optimizer_info, reset_memory, step_clock
+from _contenders import TokenCounter, lora_config, memory_report, optimizer_info, reset_memory, step_clock
 
 IGNORE = -100
-
-
-class TokenCounter:
-    """Counts, per micro-batch a trainer trains on, the real tokens, the tokens incl. padding and the label tokens.
-
-    Real tokens: the attention mask's sum; without a mask (TRL's padding-free batches: one flattened row of real
-    tokens, no padding on CPU) every input id. Wraps ``trainer.training_step`` (the data loader prefetches).
-    """
-
-    def __init__(self, trainer) -> None:
-        self.tokens = self.padded = self.labels = 0
-        self.inner = trainer.training_step
-        trainer.training_step = self
-
-    def __call__(self, model, inputs, *args, **kwargs):
-        mask = inputs.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-        self.padded += int(inputs["input_ids"].numel())
-        self.labels += int((inputs["labels"] != IGNORE).sum())
-        return self.inner(model, inputs, *args, **kwargs)
 
 
 def read_examples(path: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import summarise_steps, thread_env, write_json
+from _common import fmt, ratio, run_logged, summarise_steps, thread_env, write_json
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -95,23 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: int) -> float:
-    """Run a command with its output in a log file; raise with the first error line and the log's tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout,
-                              check=False)
-    if proc.returncode != 0:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-        # The raised exception's line (the last "...Error: ..." line of the traceback), else the exit code.
-        errors = [ln for ln in lines if ln.strip() and ("Error" in ln or "error:" in ln)]
-        error = errors[-1].strip() if errors else f"exit code {proc.returncode}"
-        tail = "\n".join(lines[-15:])
-        raise RuntimeError(f"{error} (exit code {proc.returncode}, log: {log})\n{tail}")
-    return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -199,7 +182,8 @@ def run_peftlab(args: argparse.Namespace, name: str, paths: dict[str, Path], env
     """`peftlab train` in a fresh process, then the response eval loss of its adapter in another."""
     packed = name == "peftlab-packed"
     run_dir = args.out / "runs" / name
-    wall = run_logged(peftlab_command(args, packed, run_dir), args.out / "logs" / f"{name}.log", env, args.timeout)
+    wall = run_logged(peftlab_command(args, packed, run_dir), args.out / "logs" / f"{name}.log", env,
+                      args.timeout, REPO)
     from peftlab.record import RunRecord  # the one reader of results.json
 
     results = RunRecord.read(run_dir).to_dict()
@@ -209,7 +193,7 @@ def run_peftlab(args: argparse.Namespace, name: str, paths: dict[str, Path], env
     run_logged(worker("eval", "--run-dir", str(run_dir), "--model-source", str(paths["model_source"]),
                       "--eval", str(paths["eval"]), "--device", args.device,
                       "--eval-batch-size", str(args.eval_batch_size), "--out", str(eval_out)),
-               args.out / "logs" / f"{name}-eval.log", env, args.timeout)
+               args.out / "logs" / f"{name}-eval.log", env, args.timeout, REPO)
     held = json.loads(eval_out.read_text())["heldout"]
     padding = peftlab_padding(args, data, packed)
     if rows and rows[-1]["tokens"] != padding["real_tokens"]:
@@ -235,7 +219,7 @@ def run_baseline(args: argparse.Namespace, name: str, paths: dict[str, Path], en
                  "--target-modules", args.target_modules, "--seed", str(args.seed), "--out", str(out))
     if args.steps:
         cmd += ["--steps", str(args.steps)]
-    wall = run_logged(cmd, args.out / "logs" / f"{name}.log", env, args.timeout)
+    wall = run_logged(cmd, args.out / "logs" / f"{name}.log", env, args.timeout, REPO)
     return {**json.loads(out.read_text()), "process_wall_s": wall}
 
 
@@ -268,8 +252,6 @@ def row_of(name: str, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def comparisons(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -297,25 +279,14 @@ def comparisons(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[d
     return ratios, checks
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def cpu_description() -> dict[str, Any]:
     """The CPU's model name and its bf16-related flags."""
-    from peftlab.precision import detect
+    from peftlab.precision import cpu_model_name, detect
 
-    name = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    flags = detect("cpu").cpu_flags
-    bf16 = sorted(f for f in flags if "bf16" in f)
-    return {"model_name": name or "unknown", "bf16_flags": bf16, "cores": os.cpu_count()}
+    bf16 = sorted(f for f in detect("cpu").cpu_flags if "bf16" in f)
+    return {"model_name": cpu_model_name() or "unknown", "bf16_flags": bf16, "cores": os.cpu_count()}
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -33,7 +33,10 @@ from _common import (
     FLOPS_FORMULA,
     array_digest,
     flops_per_token,
+    fmt,
     model_shape,
+    ratio,
+    run_logged,
     summarise_steps,
     thread_env,
     workload_blocks,
@@ -105,19 +108,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout: int) -> float:
-    """Run a command (argument list, no shell) with its output in a log file; raise with the log's tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout,
-                              check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"exit code {proc.returncode} (log: {log}):\n{tail}")
-    return time.perf_counter() - t0
 
 
 def worker(kind: str, *extra: str) -> list[str]:
@@ -153,7 +143,7 @@ def run_peftlab(args: argparse.Namespace, name: str, tag: str, paths: dict[str, 
         env = {k: v for k, v in env.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     precision = peftlab_precision(name)
     wall = run_logged(peftlab_command(args, method, run_dir, train_blocks, processes, precision),
-                      args.out / "logs" / f"{tag}.log", env, args.timeout)
+                      args.out / "logs" / f"{tag}.log", env, args.timeout, REPO)
     from peftlab.record import RunRecord  # the one reader of results.json
 
     results = RunRecord.read(run_dir).to_dict()
@@ -162,7 +152,7 @@ def run_peftlab(args: argparse.Namespace, name: str, tag: str, paths: dict[str, 
     eval_out = args.out / "raw" / f"{tag}-eval.json"
     run_logged(worker("eval", "--run-dir", str(run_dir), "--model-source", str(paths["model_source"]),
                       "--eval-blocks", str(paths["eval"]), "--device", args.device, "--out", str(eval_out)),
-               args.out / "logs" / f"{tag}-eval.log", env, args.timeout)
+               args.out / "logs" / f"{tag}-eval.log", env, args.timeout, REPO)
     held = json.loads(eval_out.read_text())["heldout"]
     mem = results["memory"]["train"]
     # On one machine the processes share its RAM: their peaks add up (an upper bound on the joint peak).
@@ -192,7 +182,7 @@ def run_baseline(args: argparse.Namespace, name: str, tag: str, paths: dict[str,
                  "--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
                  "--target-modules", args.target_modules, "--seed", str(args.seed), "--out", str(out),
                  *(["--bf16"] if is_bf16(name) else []))
-    wall = run_logged(cmd, args.out / "logs" / f"{tag}.log", env, args.timeout)
+    wall = run_logged(cmd, args.out / "logs" / f"{tag}.log", env, args.timeout, REPO)
     return {**json.loads(out.read_text()), "process_wall_s": wall}
 
 
@@ -200,7 +190,7 @@ def measure_gemm(args: argparse.Namespace, env: dict[str, str], tag: str, dtype:
     out = args.out / "raw" / f"gemm-{tag}-{dtype}.json"
     run_logged(worker("gemm", "--sizes", args.gemm_sizes, "--repeats", str(args.gemm_repeats), "--device",
                       args.device, "--dtype", dtype, "--out", str(out)),
-               args.out / "logs" / f"gemm-{tag}-{dtype}.log", env, args.timeout)
+               args.out / "logs" / f"gemm-{tag}-{dtype}.log", env, args.timeout, REPO)
     return json.loads(out.read_text())
 
 
@@ -239,8 +229,6 @@ def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: 
     }
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 #: Issue 12's targets for peftlab LoRA bf16-mixed: (other row, at least this many times its tokens/s).
@@ -332,8 +320,6 @@ def bf16_capability(device: str) -> str:
     return native or f"no native bf16 ({' / '.join(NATIVE_BF16_FLAGS)} absent): emulated, slower than fp32"
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def own_eval_gap(report: dict[str, Any]) -> float | None:

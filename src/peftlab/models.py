@@ -148,9 +148,10 @@ def resolve_precision(cfg, device: torch.device) -> Precision:
     """The run's precision on this device (``auto`` decided by the device's bf16 support), warning once when an
     explicit bf16 precision is emulated on this CPU."""
     resolved = precision_for_device(cfg.precision, device.type)
-    if resolved.warning() and resolved.warning() not in _WARNED:
-        _WARNED.add(resolved.warning())
-        print(f"warning: {resolved.warning()}", file=sys.stderr)
+    warning = resolved.warning()
+    if warning and warning not in _WARNED:
+        _WARNED.add(warning)
+        print(f"warning: {warning}", file=sys.stderr)
     return resolved
 
 
