@@ -156,6 +156,26 @@ def test_store_refuses_a_different_sweep_definition(tmp_path):
         run_sweep(tmp_path / "b.yaml", tmp_path / "out")
 
 
+def test_a_new_store_appears_with_its_tables(tmp_path, monkeypatch):
+    """A reader polling the folder must never find a sweep.sqlite without tables (a race CI once hit)."""
+    import peftlab.sweep.store as store_module
+
+    seen = []
+    real_link = os.link
+
+    def link_and_read(src, dst):  # the instant the store becomes visible, a reader opens it
+        real_link(src, dst)
+        reader = SweepStore.open(Path(dst).parent, create=False, read_only=True)
+        seen.append(reader.counts())
+        reader.close()
+
+    monkeypatch.setattr(store_module.os, "link", link_and_read)
+    SweepStore.open(tmp_path / "out").close()
+    assert seen == [dict.fromkeys(("queued", "running", "done", "failed"), 0)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")) == []
+    SweepStore.open(tmp_path / "out").close()  # an existing store is opened, not replaced
+
+
 def test_store_transitions_and_interrupted_runs(tmp_path):
     spec = load_sweep(write_sweep(tmp_path / "a.yaml", {"base": TINY_BASE, "grid": {"r": [1, 2, 3, 4]}}))
     store = _store_with(tmp_path, spec, {"r1": "done", "r2": "failed", "r3": "running"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,24 @@ class RunRow:
         return RunRecord.from_dict(self.results, f"sweep store, run {self.id!r}")
 
 
+def _create_atomically(path: Path) -> None:
+    """Write an empty store beside ``path`` and link it into place, so no reader ever sees a file without tables."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.executescript(_SCHEMA)  # rollback journal while building: one self-contained file to move
+    finally:
+        conn.close()
+    try:
+        os.link(tmp, path)  # fails if another process created the store first; theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class SweepStore:
     """Read and update a sweep's SQLite store."""
 
@@ -91,7 +110,7 @@ class SweepStore:
         if not path.is_file():
             if not create:
                 raise UserError(f"{folder}: no {STORE_FILE} here; pass the --output-dir of a `peftlab sweep` run")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _create_atomically(path)
         try:
             if read_only:
                 conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
