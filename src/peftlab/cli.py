@@ -42,6 +42,7 @@ COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--eval-subset", "eval_subset", int),
     ("--device", "device", str),
     ("--precision", "precision", str),
+    ("--strategy", "strategy", str),
     ("--dtype", "dtype", str),
     ("--save-every", "save_every", int),
     ("--max-grad-norm", "max_grad_norm", float),

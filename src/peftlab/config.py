@@ -23,7 +23,7 @@ RUN_DEFINING_FIELDS = (
     "model", "revision", "precision", "task", "dataset", "eval_dataset", "text_column", "text_pair_column",
     "label_column", "block_size", "max_length", "train_subset", "method", "lr", "epochs", "max_steps",
     "batch_size", "grad_accum", "warmup_ratio", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm",
-    "seed", "prompt_template", "packing", "gradient_checkpointing",
+    "seed", "prompt_template", "packing", "gradient_checkpointing", "strategy",
 )
 
 
@@ -44,6 +44,9 @@ class RunConfig(BaseModel):
         "auto", description="fp32 | bf16-mixed (bf16 matmuls, fp32 trainable weights and optimizer states) | "
         "bf16-true (everything bf16) | auto (bf16-mixed on CUDA with bf16 and on CPUs with native bf16, else fp32).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several processes: ddp (a full copy per process) | fsdp (PyTorch FSDP2: parameters, "
+        "gradients and optimizer states sharded over the processes; full and the LoRA family).")
 
     # --- task and data -------------------------------------------------------------------------------------
     task: str = Field("clm", description="clm | classification | instruction.")
