@@ -94,6 +94,8 @@ class Method:
     shows_rank: ClassVar[bool] = False  # the (r, alpha) column and the run id show r and alpha
     optimizer_is_fused: ClassVar[bool] = True  # the loop's fused AdamW applies (False: its own, unfused optimizer)
     unsupported: ClassVar[dict[str, str]] = {}  # capability -> why not (one line, no trailing period)
+    #: FSDP2 sharding is built and tested for this method (full and the LoRA family); the others refuse it.
+    shards_with_fsdp: ClassVar[bool] = False
 
     # --- traits ----------------------------------------------------------------------------------------------
 
@@ -102,12 +104,20 @@ class Method:
 
     def check_supports(self, capability: str) -> None:
         """Raise a one-line UserError if this method cannot do ``capability`` (one of :data:`CAPABILITIES`)."""
-        reason = self.unsupported.get(capability)
+        reason = self.unsupported_reasons().get(capability)
         if reason is not None:
             raise UserError(f"method {self.name!r} {reason}")
 
     def supports(self, capability: str) -> bool:
-        return capability not in self.unsupported
+        return capability not in self.unsupported_reasons()
+
+    def unsupported_reasons(self) -> dict[str, str]:
+        """Every capability this method lacks, with its reason (``unsupported`` plus the traits that imply one)."""
+        out = dict(self.unsupported)
+        if not self.shards_with_fsdp:
+            out.setdefault("fsdp", "does not support --strategy fsdp (built for full fine-tuning and the LoRA "
+                           "family); use --strategy ddp")
+        return out
 
     def config_label(self, fields: dict[str, Any]) -> str:
         """The seed's "(r, alpha)" cell for a run's method fields, '-' for methods without a rank."""

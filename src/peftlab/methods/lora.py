@@ -26,6 +26,7 @@ class Lora(Method):
     fields = LoraFields
     mergeable = True
     shows_rank = True
+    shards_with_fsdp = True
     #: Extra LoraConfig arguments of a variant (use_dora, use_rslora, init_lora_weights).
     lora_options: ClassVar[dict[str, Any]] = {}
 
