@@ -332,8 +332,10 @@ def read_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Op
 
     state = _training_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
+    # strict=False: the frozen base is not in the checkpoint (it is reloaded from the model); DCP's load above
+    # already failed on any trainable tensor the checkpoint lacks.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True))
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     rank = dist.get_rank()
     _restore_rng(load_file(folder / RNG_FOLDER / f"rank-{rank}.safetensors"),
                  json.loads((folder / RNG_FOLDER / f"rank-{rank}.json").read_text()))
