@@ -227,17 +227,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from peftlab.plan import memory as planner
     from peftlab.plan.seed_table import format_seed_table, seed_table
 
+    processes = 1 if args.processes is None else args.processes
+    if processes < 1:
+        raise UserError(f"--processes {processes}: give 1 or more processes")
     if args.seed_table:
         rows = seed_table(device=args.device if args.device in ("cpu", "cuda") else "cuda",
                           precision=args.precision if args.precision not in (None, "auto") else "bf16-mixed",
                           batch_size=args.batch_size or 4, seq_len=args.block_size or 128,
-                          grad_accum=args.grad_accum or 8)
+                          grad_accum=args.grad_accum or 8, fsdp_processes=processes if processes > 1 else 8)
         print(json.dumps([dict(r, plan=r["plan"].as_dict()) for r in rows], indent=2) if args.json
               else format_seed_table(rows))
         return 0
-    processes = 1 if args.processes is None else args.processes
-    if processes < 1:
-        raise UserError(f"--processes {processes}: give 1 or more processes")
     overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
     if cfg.device == "auto" and cfg.strategy == "fsdp" and processes > 1:
