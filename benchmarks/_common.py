@@ -249,20 +249,19 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
     49,152 entries: a 32,000-entry embedding (TinyLlama's) would meet token ids it does not have. Memory checks are
     unaffected: the planner reads this same config.json.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from peftlab.models import _publish_atomically, cache_dir, smollm2_tokenizer_dir
 
     tok_dir = smollm2_tokenizer_dir()
-    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+    config = random_llama_config(shape)
+    vocab = config.vocab_size
     key = (f"h{shape['hidden_size']}-i{shape['intermediate_size']}-l{shape['num_hidden_layers']}-"
            f"a{shape['num_attention_heads']}-kv{shape['num_key_value_heads']}-"
            f"{'tied' if shape['tie_word_embeddings'] else 'untied'}")
     target = cache_dir() / "bench-models" / f"llama-{key}-v{vocab}-seed{seed}"
 
     def build(tmp: Path) -> None:
-        config = LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                             pad_token_id=2, **shape)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -271,3 +270,14 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
         shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
 
     return _publish_atomically(build, target)
+
+
+def random_llama_config(shape: dict[str, int]):
+    """The LlamaConfig of :func:`random_llama_dir` (enough for the planner: no weights)."""
+    from transformers import LlamaConfig
+
+    from peftlab.models import smollm2_tokenizer_dir
+
+    tokenizer = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    return LlamaConfig(vocab_size=len(tokenizer["model"]["vocab"]), max_position_embeddings=2048, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2, **shape)
