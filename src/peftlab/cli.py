@@ -240,7 +240,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
-    if cfg.device == "auto" and cfg.strategy == "fsdp" and processes > 1:
+    auto_gpu = cfg.device == "auto" and cfg.strategy == "fsdp" and processes > 1
+    if auto_gpu:
         cfg = load_config(args.config, dict(overrides, device="cuda"))  # FSDP shards over GPUs: plan one GPU
     runtime = planner.runtime_bytes_option(args.runtime_gb, args.measure_runtime)
     try:
@@ -248,6 +249,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except planner.NotPlanned as reason:  # a method the planner does not model: a note, not an error
         print(f"note: {reason}")
         return 0
+    import torch
+
+    if not torch.cuda.is_available() and result.inputs.device == "cuda":
+        result.notes.append("no CUDA device here: planned for a bf16-capable GPU (A100, H100)"
+                            + (f"; --device auto with fsdp: one GPU of {processes}" if auto_gpu else ""))
     print(json.dumps(result.as_dict(), indent=2) if args.json else planner.format_plan(result))
     return 0
 

@@ -50,6 +50,20 @@ activations, notes); this module never asks for a method by name. The terms of t
   hidden states (h per token). Without it: 12 bytes per vocabulary entry per token (the logits, the log-softmax
   output and two gradient buffers over every token).
 
+Several processes (``processes`` N > 1; a launched rank reads N from WORLD_SIZE): the plan is one process's peak.
+
+* **ddp**: each process holds everything one process holds, plus DDP's gradient buckets (one more copy of the
+  trainable gradients, allocated when DDP wraps the model); activations are one micro-batch of the process.
+* **fsdp** (FSDP2 ``fully_shard`` on every decoder layer, then on the root module): base and trainable weights,
+  AdamW states and gradients are stored as 1/N dim-0 shards (gradients reduce-scattered after every micro-batch,
+  at the master dtype); at the forward/backward peak add two decoder layers all-gathered in the compute dtype (the
+  one computing and the one prefetched), the root group (embeddings, final norm, LM head) unsharded in the compute
+  dtype (FSDP2 keeps it from forward through backward) and one layer's unsharded gradient of its trainable weights
+  at the master dtype. Full fine-tuning without accumulation holds only the head's gradient at that peak, as on
+  one process, unsharded (the head is in the root group). Under bf16-mixed (MixedPrecisionPolicy with bf16
+  parameters, fp32 reduction) the gathered parameters are already bf16, so autocast's weight copies are not
+  counted. The optimizer step holds the shards only. Communication buffers are not counted.
+
 The activation terms were checked against the tensors autograd actually saves (``saved_tensors_hooks``) on
 smollm2-135m and tiny random models (tests/test_plan.py). On CPU the measured figure is peak RSS; glibc keeps freed
 heap pages, which adds a slack that grows over the first steps and that no formula predicts (on smollm2-135m,
@@ -289,7 +303,8 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
         fwd["ddp_gradient_buckets"] = step["ddp_gradient_buckets"] = grads
         notes.append(f"ddp on {inp.processes} processes, per process: each holds what one process holds plus "
                      "DDP's gradient buckets (one more copy of the trainable gradients); activations are one "
-                     "micro-batch of this process (batch_size per process)")
+                     "micro-batch of this process (batch_size per process); the process group's own buffers are not "
+                     "counted")
     phases = {"forward_backward": sum(fwd.values()), "optimizer_step": sum(step.values())}
     peak_phase = max(phases, key=phases.get)
     if inp.device == "cuda":
