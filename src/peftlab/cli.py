@@ -249,9 +249,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except planner.NotPlanned as reason:  # a method the planner does not model: a note, not an error
         print(f"note: {reason}")
         return 0
-    import torch
-
-    if not torch.cuda.is_available() and result.inputs.device == "cuda":
+    if result.inputs.device == "cuda" and not planner.cuda_here():
         result.notes.append("no CUDA device here: planned for a bf16-capable GPU (A100, H100)"
                             + (f"; --device auto with fsdp: one GPU of {processes}" if auto_gpu else ""))
     print(json.dumps(result.as_dict(), indent=2) if args.json else planner.format_plan(result))

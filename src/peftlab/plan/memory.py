@@ -364,6 +364,8 @@ def _fsdp_note(inp: PlanInput) -> str:
             "activations of one micro-batch of this process (batch_size per process); NCCL buffers not counted")
     if inp.precision == "bf16-mixed":
         note += "; bf16-mixed as MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast copies"
+    if get_method(inp.method).quantizes_base:
+        note += "; a 4-bit base's layers are counted gathered in the compute dtype (an upper bound)"
     return note
 
 
@@ -374,14 +376,12 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
     unset), so that a launched rank plans itself."""
     if processes is None:
         processes = world_size()
-    import torch
-
     from peftlab.precision import Capabilities, for_device, resolve
 
     device = cfg.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():  # planning for GPUs elsewhere: a bf16 GPU (A100, H100)
+        device = "cuda" if cuda_here() else "cpu"
+    if device == "cuda" and not cuda_here():  # planning for GPUs elsewhere: a bf16 GPU (A100, H100)
         precision = resolve(cfg.precision, Capabilities("cuda", cuda_bf16=True, cuda_name="(assumed)")).name
     else:
         precision = for_device(cfg.precision, device).name
@@ -395,6 +395,13 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
                      vocab_logits=task_kind == "causal_lm", chunked_ce=cfg.chunked_ce,
                      fused_optimizer=cfg.fused_optimizer, fp32_attention=cfg.fp32_attention,
                      processes=processes, strategy=cfg.strategy)
+
+
+def cuda_here() -> bool:
+    """Whether this machine has a CUDA device (imports torch)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def world_size() -> int:
