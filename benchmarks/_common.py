@@ -272,6 +272,16 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
     return _publish_atomically(build, target)
 
 
+def random_llama_dir_built_apart(shape: dict[str, int], seed: int = 0) -> Path:
+    """:func:`random_llama_dir`, built in a child process: building a 1B model leaves several GB in the builder's
+    heap, which the benchmark's own process must not hold while its training processes are measured."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(random_llama_dir, shape, seed).result()
+
+
 def random_llama_config(shape: dict[str, int]):
     """The LlamaConfig of :func:`random_llama_dir` (enough for the planner: no weights)."""
     from transformers import LlamaConfig

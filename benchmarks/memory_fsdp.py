@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import random_llama_config, random_llama_dir
+from _common import random_llama_config, random_llama_dir_built_apart
 from memory_methods import TOLERANCE, run_method
 
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(out / "model-config")
     elif args.model is None:
         print(f"model: random-init Llama {SHAPE} (seed {SEED}) ...", file=sys.stderr, flush=True)
-        args.model = str(random_llama_dir(SHAPE, SEED))  # memory_methods.train_command reads it from here
+        args.model = str(random_llama_dir_built_apart(SHAPE, SEED))  # memory_methods.train_command reads it from here
     if args.plan_only:
         plans = plan_only(args.model, args)
         for strategy, plan in plans.items():

@@ -22,7 +22,8 @@ plans at ~20 GiB here (weights, gradients and two AdamW states at 4 bytes each);
 
     python benchmarks/memory_scale.py --out bench-memory-scale                 # the benchmark (lead's run)
     python benchmarks/memory_scale.py --out bench-memory-scale --methods lora,qlora --precision lora=bf16-mixed
-    python benchmarks/memory_scale.py --out /tmp/ms --scale tiny --steps 2     # smoke test (seconds)
+    python benchmarks/memory_scale.py --out /tmp/ms --plan-only                # the plans only (no model built)
+    python benchmarks/memory_scale.py --out /tmp/ms --scale tiny --steps 2     # smoke test (about a minute)
 
 Writes OUT/results.json (every figure, the commands, the plans) and OUT/results.md, prints the table, and exits 1
 if a check fails: every prediction within 15 % of its measurement, and QLoRA's peak < LoRA's < full's when all
@@ -37,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import random_llama_dir
+from _common import random_llama_config, random_llama_dir_built_apart
 from memory_methods import METHODS, PRECISIONS, TOLERANCE, format_table, run_method, summarise
 
 #: TinyLlama-1.1B's shape (vocabulary aside, see the module docstring), and a tiny one for smoke tests.
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--limit-gib", type=float, default=24.0,
                         help="skip a method whose planned peak is above this (default 24)")
+    parser.add_argument("--plan-only", action="store_true", help="print each method's plan; build and train nothing")
     parser.add_argument("--default-allocator", action="store_true",
                         help="do not set MALLOC_MMAP_THRESHOLD_ for the training processes")
     args = parser.parse_args(argv)
@@ -115,8 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         shape["num_hidden_layers"] = args.layers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plan_only:  # the planner needs the shapes only
+        (out / "model-config").mkdir(exist_ok=True)
+        random_llama_config(shape).to_json_file(out / "model-config" / "config.json")
+        for method in methods:
+            print(f"{method} {precisions[method]}: planned "
+                  f"{planned_gib(out / 'model-config', method, args, precisions[method]):.3f} GiB")
+        return 0
     print(f"model: random-init Llama {shape} (seed {SEED}) ...", file=sys.stderr, flush=True)
-    model_dir = random_llama_dir(shape, SEED)
+    model_dir = random_llama_dir_built_apart(shape, SEED)
     args.model = str(model_dir)  # memory_methods.train_command reads the model from here
     runs, rows, skipped = {}, {}, {}
     for method in methods:
