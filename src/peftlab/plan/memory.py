@@ -323,7 +323,7 @@ def root_params(arch: Arch) -> int:
 
 def _fsdp_per_process(arch: Arch, inp: PlanInput, terms: PlanTerms, fwd: dict[str, int], step: dict[str, int],
                       all_grads_held: bool) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
-    """One process's components under FSDP2 (see the training side in docs/distributed.md): every stored
+    """One process's components under FSDP2 as training applies it (the module docstring): every stored
     parameter, gradient and optimizer state split N ways, plus what exists unsharded while layers compute."""
     n = inp.processes
     method = get_method(inp.method)
