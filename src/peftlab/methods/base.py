@@ -76,6 +76,9 @@ class PlanTerms:
     notes: tuple[str, ...] = ()
     activation_bytes_per_token_head: int = 0  # extra bytes saved per token at the head (full: the head's inputs)
     gradients_held_bytes: int | None = None  # gradients held at the forward/backward peak (None: all of them)
+    # bf16 copies of fp32 trainable weights that autocast keeps through forward/backward; under FSDP the
+    # all-gathered bf16 parameters take their place, so the planner counts them only without sharding
+    autocast_copy_bytes: int = 0
 
 
 class Method:

@@ -45,5 +45,5 @@ class Full(Method):
                          activation_bytes_per_token_layer=a * (4 * h + arch.intermediate_size),
                          activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held,
                          # bf16-mixed: autocast's bf16 copies of the fp32 matmul weights live through the step
-                         activation_bytes_fixed=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
+                         autocast_copy_bytes=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
                          else 0)
