@@ -3,7 +3,8 @@
 # SDPA attention (flash kernels where PyTorch has them) -- printing tokens/s, MFU (against the GEMM peak of the
 # row's precision, measured in the same call) and peak allocated / reserved CUDA memory for peftlab LoRA (fp32,
 # bf16-mixed, bf16-true), QLoRA and full fine-tuning in bf16-mixed, plus HF Trainer + peft LoRA with bf16=True for
-# reference (CONTENDERS= overrides the list). Fits in one 10-minute call. CI does not run it.
+# reference (CONTENDERS= overrides the list), after a one-process FSDP2 smoke test (full, bf16-mixed). Fits in one
+# 10-minute call. CI does not run it.
 #
 # Two ways to run it:
 #
@@ -127,7 +128,18 @@ EOF
     local status=0
     local gemm=(--gemm-sizes 4096,8192 --gemm-repeats 10)
     [ "$DEVICE" = cuda ] || gemm=(--gemm-sizes 512,1024 --gemm-repeats 3)
-    timeout 540 "$py" benchmarks/bench_trainers.py --device "$DEVICE" --model "$model" --steps "$STEPS" \
+    # FSDP2 smoke test (issue 13): one process, full fine-tuning in bf16-mixed through fully_shard, a few steps,
+    # the gathered model written by rank 0.
+    echo "fsdp smoke test: one process, --strategy fsdp --method full --precision bf16-mixed"
+    if timeout 100 "$py" -m peftlab train --model "$model" --method full --strategy fsdp --precision bf16-mixed \
+            --device "$DEVICE" --max-steps 4 --train-subset 64 --eval-subset 8 --batch-size 4 --grad-accum 1 \
+            --set max_new_tokens=8 --output-dir "$work/fsdp" --overwrite >"$work/fsdp.log" 2>&1; then
+        tail -4 "$work/fsdp.log" | head -3
+        cp "$work/fsdp/results.json" "$out/fsdp-results.json"
+    else
+        status=1; tail -20 "$work/fsdp.log"
+    fi
+    timeout 440 "$py" benchmarks/bench_trainers.py --device "$DEVICE" --model "$model" --steps "$STEPS" \
         --eval-blocks 64 --contenders "${CONTENDERS:-peftlab-lora,peftlab-lora-bf16,peftlab-lora-bf16true,peftlab-qlora-bf16,peftlab-full-bf16,hf-trainer-lora-bf16}" "${gemm[@]}" \
         --out "$work/results" || status=$?
     echo "model: $note; $STEPS optimizer steps per row, batch 4 x accumulation 8, blocks of 128"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab.checkpoint import is_valid, list_checkpoints, sharded_files_present
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA
 
 STEPS = 10
 COMMON = ["train", "--model", "tiny-llama", "--dataset", "wikitext-2-raw-v1", "--train-subset", "96",
@@ -31,9 +32,17 @@ COMMON = ["train", "--model", "tiny-llama", "--dataset", "wikitext-2-raw-v1", "-
 METHOD_ARGS = {"full": ["--method", "full", "--lr", "1e-3"],
                "lora": ["--method", "lora", "--lr", "5e-2", "--dropout", "0"]}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "examples" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2"]
 TIMEOUT_S = 600
 
 pytestmark = pytest.mark.skipif(not (SHARED_DATA / "wikitext-2-raw-v1").is_dir(), reason="dataset mirror not found")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -73,11 +82,11 @@ def two_fsdp(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for method, args in METHOD_ARGS.items():
         run = tmp_path_factory.mktemp(f"fsdp-{method}") / "run"
-        launcher = TORCHRUN + ["-m", "peftlab"] if method == "full" else \
-            [sys.executable, "-m", "peftlab", "train", "--processes", "2"]
-        common = COMMON if method == "full" else COMMON[1:]  # --processes goes after "train"
-        _run([*launcher, *common, *args, "--grad-accum", "1", "--strategy", "fsdp", "--output-dir", str(run)],
-             run.parent)
+        # full through torchrun, LoRA through accelerate with the shipped example config (the SIGKILL test below
+        # launches with --processes)
+        launcher = TORCHRUN if method == "full" else [*ACCELERATE, "--main_process_port", str(_free_port())]
+        _run([*launcher, "-m", "peftlab", *COMMON, *args, "--grad-accum", "1", "--strategy", "fsdp",
+              "--output-dir", str(run)], run.parent)
         out[method] = run
     return out
 
