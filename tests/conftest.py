@@ -27,6 +27,14 @@ def auto_precision_is_fp32():
         yield
 
 
+@pytest.fixture(autouse=True)
+def own_baseline_cache(tmp_path_factory, monkeypatch):
+    """Each test its own shared-baseline cache: no entry of another test (or of the user's runs) is reused."""
+    from peftlab.baseline import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("baselines")))
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The offline dataset mirror (../shared/datasets)."""
