@@ -79,3 +79,58 @@ def test_baseline_is_recomputed_when_the_key_differs(tmp_path, data_dir, before_
     assert len(before_calls) == 2
     assert second["metrics"]["before"]["baseline_reused"] is False
     assert second["metrics"]["before"]["baseline_key"] != first["metrics"]["before"]["baseline_key"]
+
+
+def classification_run(tmp_path, name: str, cache: Path, monkeypatch, **extra) -> dict:
+    from tests.test_classification import sentiment_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(12, offset=100))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    cfg = load_config(None, dict(task="classification", model="tiny-llama", dataset=str(train),
+                                 eval_dataset=str(evaluation), output_dir=str(tmp_path / name), batch_size=4,
+                                 grad_accum=1, max_steps=1, max_length=16, precision="fp32", **extra))
+    return run_training(cfg)
+
+
+def test_classification_values_and_a_new_head_shares_only_within_its_seed(tmp_path, monkeypatch):
+    # full and LoRA with the same seed, each computed in its own cache: the same new head, the same baseline
+    full = classification_run(tmp_path, "full", tmp_path / "cache-a", monkeypatch, method="full", seed=1)
+    lora = classification_run(tmp_path, "lora", tmp_path / "cache-b", monkeypatch, method="lora", seed=1)
+    values = [read_stages(r["run_dir"]) for r in (full, lora)]
+    assert values[0]["before"].values == values[1]["before"].values
+    assert full["metrics"]["before"]["baseline_key"] == lora["metrics"]["before"]["baseline_key"]
+    examples = values[1]["after"].values
+    assert examples.classes == 2 and sorted(examples.groups["examples"]) == ["correct", "label", "prediction"]
+    assert sum(examples.groups["examples"]["correct"]) / 12 == pytest.approx(lora["metrics"]["after"]["accuracy"])
+    predictions = [json.loads(x) for x in open(Path(lora["run_dir"]) / "predictions.jsonl")]
+    assert [p["correct"] for p in predictions] == [bool(c) for c in examples.groups["examples"]["correct"]]
+    # in one cache: the same seed reuses, another seed (another random head) evaluates its own
+    again = classification_run(tmp_path, "lora-again", tmp_path / "cache-a", monkeypatch, method="lora", seed=1)
+    other = classification_run(tmp_path, "lora-seed2", tmp_path / "cache-a", monkeypatch, method="lora", seed=2)
+    assert again["metrics"]["before"]["baseline_reused"] is True
+    assert other["metrics"]["before"]["baseline_reused"] is False
+    base_predictions = [json.loads(x)["base_prediction"] for x in open(Path(again["run_dir"]) / "predictions.jsonl")]
+    assert len(base_predictions) == 12  # the cached outputs give the base model's predictions too
+
+
+def test_instruction_values_per_response_and_generation(tmp_path):
+    from tests.test_classification import write_jsonl
+    from tests.test_instruction import qa_rows
+
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows(8))
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", qa_rows(4))
+    cfg = load_config(None, dict(task="instruction", model="tiny-llama", dataset=str(train),
+                                 eval_dataset=str(evaluation), output_dir=str(tmp_path / "run"), batch_size=4,
+                                 grad_accum=1, max_steps=1, max_length=96, max_new_tokens=4, generation_subset=3,
+                                 precision="fp32"))
+    results = run_training(cfg)
+    for stage in ("before", "after"):
+        groups = read_stages(results["run_dir"])[stage].values.groups
+        responses, generations = groups["responses"], groups["generations"]
+        assert len(responses["nll"]) == 4 and len(generations["rougeL"]) == 3
+        metrics = results["metrics"][stage]
+        assert math.exp(math.fsum(responses["nll"]) / sum(responses["tokens"])) == pytest.approx(
+            metrics["perplexity"], rel=1e-12)
+        assert sum(generations["rougeL"]) / 3 == pytest.approx(metrics["rougeL"])
+        assert sum(generations["exact_match"]) / 3 == pytest.approx(metrics["exact_match"])

@@ -1,11 +1,13 @@
 """The shared baseline: the "before" evaluation computed once per key and reused by every run with the same key.
 
-The key holds what decides the baseline's numbers: the base model (name, revision, where it was loaded from), the
-resolved precision and device, how the weights are stored (parameter dtypes: a frozen base under bf16-mixed keeps
-bf16 matmul weights, full fine-tuning fp32 ones), the task's evaluation identity (evaluation data as used, its
-fingerprint, and the fields of ``Task.eval_fields``), the method when it changes the model before training (a
-4-bit base, or an initialisation that is not the base's function), the seed when the model has newly initialised
-modules (a classification head), the package versions and the peftlab commit.
+The key holds what decides the baseline's numbers: the base model (name, revision, where it was loaded from and,
+for a local folder, its files' sizes and modification times), the resolved precision and device, how the weights
+are stored (parameter dtypes: a frozen base under bf16-mixed keeps bf16 matmul weights, full fine-tuning fp32
+ones), the task's evaluation identity (evaluation data as used, its fingerprint, and the fields of
+``Task.eval_fields``), the method when it changes the model before training (a 4-bit base, or an initialisation
+that is not the base's function), the seed when the model has newly initialised modules (a classification head),
+the package versions and the peftlab commit. Fields that change only float rounding (threads, the evaluation
+batch size where evaluation does not pad) are left out, so that runs differing in them share.
 
 Entries live in ``$PEFTLAB_BASELINE_CACHE`` (a sweep points it at ``<sweep dir>/baselines``), else in
 ``<peftlab cache>/baselines``; each is one JSON file written atomically: the key, the metrics, the per-example
@@ -48,12 +50,23 @@ def _model_state(cfg, method) -> dict[str, Any]:
     return {}
 
 
+def model_files(source: str) -> list[tuple[str, int, int]] | None:
+    """(name, size, mtime) of a local model folder's files: a folder rewritten in place gets a new key. Hub ids
+    are pinned by ``revision`` instead (None here)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*") if p.is_file())
+
+
 def baseline_key(cfg, task, data, loaded, method, model) -> dict[str, Any]:
     """Everything that decides the baseline evaluation's numbers (see the module docstring)."""
     versions = {k: v for k, v in package_versions().items() if k != "python"}
     return {
         "format": CACHE_FORMAT,
         "model": {"name": cfg.model, "revision": cfg.revision, "source": str(loaded.source),
+                  "files": model_files(str(loaded.source)),
                   "trust_remote_code": cfg.trust_remote_code, "fp32_attention": cfg.fp32_attention,
                   "compile": cfg.compile},
         "precision": loaded.precision.name,
