@@ -134,3 +134,26 @@ def test_instruction_values_per_response_and_generation(tmp_path):
             metrics["perplexity"], rel=1e-12)
         assert sum(generations["rougeL"]) / 3 == pytest.approx(metrics["rougeL"])
         assert sum(generations["exact_match"]) / 3 == pytest.approx(metrics["exact_match"])
+
+
+def test_a_sweep_shares_its_baseline_in_its_folder_and_reports_intervals(tmp_path, data_dir):
+    import yaml
+
+    from peftlab.report import build_tables, markdown_table, read_sweep
+    from peftlab.sweep.runner import run_sweep
+
+    base = {"model": "tiny-llama", "train_subset": 8, "eval_subset": 6, "block_size": 32, "batch_size": 4,
+            "grad_accum": 1, "max_steps": 2, "lr": 1e-2, "max_new_tokens": 4, "precision": "fp32"}
+    grid = {"shape": [{"method": "lora", "r": 8, "alpha": 16}, {"id": "full", "method": "full"}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "grid": grid}), encoding="utf-8")
+    outcome = run_sweep(path, tmp_path / "out")
+    assert outcome.failed == {}
+    assert len(list((tmp_path / "out" / "baselines").glob("*.json"))) == 1  # the sweep's own cache, one entry
+    (table,) = build_tables(read_sweep(tmp_path / "out").finished)
+    rows = {g.first.method.name: g for g in table.groups}
+    assert [rows["full"].first.metrics.before["baseline_reused"],
+            rows["lora"].first.metrics.before["baseline_reused"]] == [True, False]  # lora ran first
+    assert rows["full"].stats.ci is not None and rows["full"].stats.diff is not None
+    assert rows["lora"].stats.is_reference
+    assert "95% CI" in "\n".join(table.notes) and "| reference |" in markdown_table(table)
