@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import time
@@ -232,3 +233,61 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Random-initialised models for the memory benchmarks
+
+
+def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
+    """A random-initialised Llama of ``shape`` (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, tie_word_embeddings) saved as a local model folder (safetensors,
+    config.json, tokenizer) under peftlab's cache (``$PEFTLAB_CACHE`` or ~/.cache/peftlab)/bench-models, built once
+    with a fixed seed and published atomically (a reader never sees a half-written folder).
+
+    The tokenizer is SmolLM2's, the one the offline setup has (what tiny-llama uses), so the vocabulary is its
+    49,152 entries: a 32,000-entry embedding (TinyLlama's) would meet token ids it does not have. Memory checks are
+    unaffected: the planner reads this same config.json.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.models import _publish_atomically, cache_dir, smollm2_tokenizer_dir
+
+    tok_dir = smollm2_tokenizer_dir()
+    config = random_llama_config(shape)
+    vocab = config.vocab_size
+    key = (f"h{shape['hidden_size']}-i{shape['intermediate_size']}-l{shape['num_hidden_layers']}-"
+           f"a{shape['num_attention_heads']}-kv{shape['num_key_value_heads']}-"
+           f"{'tied' if shape['tie_word_embeddings'] else 'untied'}")
+    target = cache_dir() / "bench-models" / f"llama-{key}-v{vocab}-seed{seed}"
+
+    def build(tmp: Path) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
+
+    return _publish_atomically(build, target)
+
+
+def random_llama_dir_built_apart(shape: dict[str, int], seed: int = 0) -> Path:
+    """:func:`random_llama_dir`, built in a child process: building a 1B model leaves several GB in the builder's
+    heap, which the benchmark's own process must not hold while its training processes are measured."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(random_llama_dir, shape, seed).result()
+
+
+def random_llama_config(shape: dict[str, int]):
+    """The LlamaConfig of :func:`random_llama_dir` (enough for the planner: no weights)."""
+    from transformers import LlamaConfig
+
+    from peftlab.models import smollm2_tokenizer_dir
+
+    tokenizer = json.loads((smollm2_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    return LlamaConfig(vocab_size=len(tokenizer["model"]["vocab"]), max_position_embeddings=2048, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2, **shape)

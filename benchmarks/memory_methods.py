@@ -53,14 +53,17 @@ def train_command(method: str, args: argparse.Namespace, run_dir: Path, precisio
     return cmd
 
 
-def run_method(method: str, args: argparse.Namespace, out: Path, precision: str = "fp32") -> dict[str, Any]:
-    """Train one method in a fresh process; return its results.json and what was run."""
-    run_dir = out / "runs" / f"{method}-{precision}"
-    cmd = train_command(method, args, run_dir, precision)
+def run_method(method: str, args: argparse.Namespace, out: Path, precision: str = "fp32",
+               extra: list[str] | None = None, name: str | None = None) -> dict[str, Any]:
+    """Train one method in a fresh process (``extra``: more `peftlab train` flags, ``name``: the run's folder and
+    log name); return its results.json and what was run."""
+    name = name or f"{method}-{precision}"
+    run_dir = out / "runs" / name
+    cmd = train_command(method, args, run_dir, precision) + list(extra or [])
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if not args.default_allocator:
         env.update(ALLOCATOR_ENV)
-    log = out / "logs" / f"{method}-{precision}.log"
+    log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:

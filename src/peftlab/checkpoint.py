@@ -96,8 +96,31 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def _state_json(loop_state, scheduler, cfg, best: dict[str, Any] | None, rng: dict[str, Any] | None,
+                fmt: str, processes: int) -> str:
+    return json.dumps({"loop": asdict(loop_state), "scheduler": scheduler.state_dict(), "rng": rng,
+                       "config": cfg.model_dump(), "defining": cfg.defining_subset(), "best": best,
+                       "format": fmt, "processes": processes}, default=str)
+
+
+def _disk_error(exc: OSError, run_dir: Path, name: str) -> None:
+    previous = newest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise ResourceError(f"disk full while writing checkpoint {name}; {kept}. Free space, then "
+                            "rerun with --resume") from None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """fsync the written folder, then rename it into place (replacing a checkpoint of the same step)."""
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
 def save_checkpoint(run_dir: Path, loop_state, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    cfg, keep_last: int, best: dict[str, Any] | None = None) -> Path:
+                    cfg, keep_last: int, best: dict[str, Any] | None = None, processes: int = 1) -> Path:
     """Write ``checkpoints/step-N`` atomically and prune old ones. Raises ResourceError when the disk is full."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -112,36 +135,58 @@ def save_checkpoint(run_dir: Path, loop_state, model: nn.Module, optimizer: torc
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {"loop": asdict(loop_state), "scheduler": scheduler.state_dict(), "rng": rng_meta,
-                 "config": cfg.model_dump(), "defining": cfg.defining_subset(), "best": best}
-        (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        (tmp / STATE_FILE).write_text(_state_json(loop_state, scheduler, cfg, best, rng_meta, "safetensors",
+                                                  processes))
+        _publish(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
         if not isinstance(exc, OSError):
             raise
-        previous = newest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceError(f"disk full while writing checkpoint {final.name}; {kept}. Free space, then "
-                                "rerun with --resume") from None
+        _disk_error(exc, run_dir, final.name)
         raise
     prune_checkpoints(run_dir, keep_last)
     return final
 
 
-def is_valid(folder: Path) -> bool:
-    """A checkpoint is valid when every required file is present and its state parses."""
-    if not folder.is_dir() or not all((folder / name).is_file() for name in REQUIRED_FILES):
-        return False
+def save_sharded_checkpoint(run_dir: Path, loop_state, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler, cfg, keep_last: int, best: dict[str, Any] | None, is_writer: bool,
+                            processes: int, barrier) -> Path:
+    """Every rank writes its shards (DCP) into one temporary folder; rank 0 then adds the loop state and renames
+    the folder into place, so a crash at any point leaves the previous checkpoint as the newest valid one.
+    A collective: every rank calls it; ``barrier`` synchronises them."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{loop_state.step:07d}"
+    tmp = root / f".tmp-step-{loop_state.step:07d}-sharded"  # one name for every rank (not a pid)
+    if is_writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
     try:
-        json.loads((folder / STATE_FILE).read_text())
+        write_sharded_state(tmp, model, optimizer)
+        barrier()
+        if is_writer:
+            (tmp / STATE_FILE).write_text(_state_json(loop_state, scheduler, cfg, best, None, "dcp", processes))
+            _publish(tmp, final)
+    except OSError as exc:
+        if is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _disk_error(exc, run_dir, final.name)
+        raise
+    if is_writer:
+        prune_checkpoints(run_dir, keep_last)
+    barrier()
+    return final
+
+
+def is_valid(folder: Path) -> bool:
+    """A checkpoint is valid when its state parses and every file its format requires is present."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return True
+    if state.get("format") == "dcp":
+        return sharded_files_present(folder, int(state.get("processes", 1)))
+    return all((folder / name).is_file() for name in REQUIRED_FILES)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -197,14 +242,20 @@ def resolve_resume(resume: str, run_dir: Path, allow_pickle: bool) -> Path:
         raise UserError(f"--resume {resume}: {pickles[0]} is a pickle file, and unpickling can run arbitrary code; "
                         "peftlab checkpoints use safetensors and JSON. Pass --allow-pickle only if you trust it")
     if not is_valid(path):
-        raise UserError(f"--resume {resume}: not a valid peftlab checkpoint (needs {', '.join(REQUIRED_FILES)})")
+        raise UserError(f"--resume {resume}: not a valid peftlab checkpoint (needs {STATE_FILE} and the weights, "
+                        "optimizer and RNG files of its format)")
     return path
 
 
 def check_compatible(folder: Path, cfg) -> dict[str, Any]:
     """The checkpoint's state, after checking that it was made by an equivalent config."""
+    from peftlab.config import RunConfig, field_default
+
     state = json.loads((folder / STATE_FILE).read_text())
     theirs, ours = state["defining"], json.loads(json.dumps(cfg.defining_subset(), default=str))
+    for key in ours:  # a field added after the checkpoint was written had its default then
+        if key not in theirs and key in RunConfig.model_fields:
+            theirs[key] = field_default(key)
     changed = sorted(k for k in ours if theirs.get(k) != ours[k])
     if changed:
         detail = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours[k]!r}" for k in changed[:4])
@@ -213,9 +264,24 @@ def check_compatible(folder: Path, cfg) -> dict[str, Any]:
     return state
 
 
+def check_processes(folder: Path, state: dict[str, Any], processes: int) -> None:
+    """Refuse a checkpoint written by another number of processes: the global batch (batch_size x grad_accum x
+    processes) and each rank's share of the data depend on it, so the run would not continue the same training."""
+    theirs = state.get("processes")
+    if theirs is not None and int(theirs) != processes:
+        raise UserError(f"--resume: checkpoint {folder} was written by {theirs} process(es) and this run has "
+                        f"{processes}; the global batch and data order depend on it. Resume with {theirs} "
+                        "process(es), or start a new run in another --output-dir")
+
+
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     state: dict[str, Any]) -> None:
-    """Restore weights, optimizer, scheduler and RNG states in place."""
+    """Restore weights, optimizer, scheduler and RNG states in place (either format; a sharded checkpoint is a
+    collective: every rank calls this)."""
+    if state.get("format") == "dcp":
+        read_sharded_state(folder, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        return
     weights = load_file(folder / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
@@ -229,3 +295,54 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     _restore_optimizer(optimizer, load_file(folder / "optimizer.safetensors"), meta)
     scheduler.load_state_dict(state["scheduler"])
     _restore_rng(load_file(folder / "rng.safetensors"), state["rng"])
+
+
+# --- the sharded format (FSDP2): torch.distributed.checkpoint -------------------------------------------------
+
+DCP_FOLDER = "dcp"
+RNG_FOLDER = "rng"
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def write_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of the trainable weights and optimizer states, and its own RNG state, into
+    ``folder`` (which rank 0 created). A collective."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank = dist.get_rank()
+    dcp.save(_training_state(model, optimizer), checkpoint_id=str(folder / DCP_FOLDER))
+    (folder / RNG_FOLDER).mkdir(exist_ok=True)
+    tensors, meta = _rng_state()
+    save_file(tensors, folder / RNG_FOLDER / f"rank-{rank}.safetensors")
+    (folder / RNG_FOLDER / f"rank-{rank}.json").write_text(json.dumps(meta))
+
+
+def read_sharded_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load this rank's shards (DCP reads the parts each rank owns) and its RNG state. A collective."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _training_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
+    # strict=False: the frozen base is not in the checkpoint (it is reloaded from the model); DCP's load above
+    # already failed on any trainable tensor the checkpoint lacks.
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    rank = dist.get_rank()
+    _restore_rng(load_file(folder / RNG_FOLDER / f"rank-{rank}.safetensors"),
+                 json.loads((folder / RNG_FOLDER / f"rank-{rank}.json").read_text()))
+
+
+def sharded_files_present(folder: Path, processes: int) -> bool:
+    """Whether a sharded checkpoint holds DCP's metadata and every rank's RNG state."""
+    return (folder / DCP_FOLDER / ".metadata").is_file() and all(
+        (folder / RNG_FOLDER / f"rank-{r}.{ext}").is_file() for r in range(processes)
+        for ext in ("safetensors", "json"))

@@ -227,21 +227,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from peftlab.plan import memory as planner
     from peftlab.plan.seed_table import format_seed_table, seed_table
 
+    processes = 1 if args.processes is None else args.processes
+    if processes < 1:
+        raise UserError(f"--processes {processes}: give 1 or more processes")
     if args.seed_table:
         rows = seed_table(device=args.device if args.device in ("cpu", "cuda") else "cuda",
                           precision=args.precision if args.precision not in (None, "auto") else "bf16-mixed",
                           batch_size=args.batch_size or 4, seq_len=args.block_size or 128,
-                          grad_accum=args.grad_accum or 8)
+                          grad_accum=args.grad_accum or 8, fsdp_processes=processes if processes > 1 else 8)
         print(json.dumps([dict(r, plan=r["plan"].as_dict()) for r in rows], indent=2) if args.json
               else format_seed_table(rows))
         return 0
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    cfg = load_config(args.config, overrides)
+    auto_gpu = cfg.device == "auto" and cfg.strategy == "fsdp" and processes > 1
+    if auto_gpu:
+        cfg = load_config(args.config, dict(overrides, device="cuda"))  # FSDP shards over GPUs: plan one GPU
     runtime = planner.runtime_bytes_option(args.runtime_gb, args.measure_runtime)
     try:
-        result = planner.plan_for_config(cfg, optimizer=args.optimizer, runtime_bytes=runtime)
+        result = planner.plan_for_config(cfg, optimizer=args.optimizer, runtime_bytes=runtime, processes=processes)
     except planner.NotPlanned as reason:  # a method the planner does not model: a note, not an error
         print(f"note: {reason}")
         return 0
+    if result.inputs.device == "cuda" and not planner.cuda_here():
+        result.notes.append("no CUDA device here: planned for a bf16-capable GPU (A100, H100)"
+                            + (f"; --device auto with fsdp: one GPU of {processes}" if auto_gpu else ""))
     print(json.dumps(result.as_dict(), indent=2) if args.json else planner.format_plan(result))
     return 0
 
@@ -272,10 +282,13 @@ def _add_memory_commands(sub: Any) -> None:
     plan.add_argument("--runtime-gb", type=float, help="runtime term (default: calibrated constant)")
     plan.add_argument("--measure-runtime", action="store_true",
                       help="CPU: measure this machine's bare `import torch, transformers, peft` RSS for the runtime")
+    plan.add_argument("--processes", type=int, default=None, metavar="N",
+                      help="plan one process of a run on N processes (default 1); with --strategy fsdp and "
+                           "--device auto, N GPUs")
     plan.add_argument("--json", action="store_true", help="print JSON")
     _add_config_args(plan, ["model", "task", "method", "r", "alpha", "dropout", "target_modules", "block_size",
                             "max_length", "batch_size", "grad_accum", "device", "precision", "dtype",
-                            "gradient_checkpointing"])
+                            "gradient_checkpointing", "strategy"])
     plan.set_defaults(func=cmd_plan)
     merge = sub.add_parser("merge", help="fold a LoRA/IA3 adapter into its base and save a plain HF model")
     merge.add_argument("--adapter", required=True, help="a run's adapter/ folder")

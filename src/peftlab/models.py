@@ -220,8 +220,13 @@ def quantization_config(cfg, dtype: torch.dtype):
     except Exception as exc:  # bitsandbytes raises assorted errors when no backend fits
         raise UserError(f"method qlora needs bitsandbytes, which cannot run here ({_first_line(exc)}); "
                         "install bitsandbytes>=0.45 or use --method lora") from None
+    from peftlab.strategies import get_strategy
+
+    # FSDP shards every parameter as a plain floating tensor: the packed 4-bit weights are stored in the compute
+    # dtype (the QLoRA + FSDP recipe of TRL and axolotl), so they shard and all-gather like the rest.
+    storage = {"bnb_4bit_quant_storage": dtype} if get_strategy(cfg.strategy).shards else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype, **storage)
 
 
 def disable_cpu_inference_packing(model: nn.Module) -> None:

@@ -11,7 +11,6 @@ import datetime as dt
 import math
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import nn
 
 from peftlab import model_card, tracking
 from peftlab.baseline import evaluate_before
-from peftlab.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from peftlab.checkpoint import check_compatible, check_processes, load_checkpoint, resolve_resume
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
@@ -45,6 +44,7 @@ from peftlab.record import (
     machine_info,
     package_versions,
 )
+from peftlab.strategies import Strategy, get_strategy
 from peftlab.summary import format_result_row
 from peftlab.tasks import Evaluation, Task, get_task
 
@@ -123,6 +123,7 @@ def prepare_model(cfg: RunConfig, task: Task, method: Method,
     The base model's newly initialised modules (a classification head) are trained and saved with the adapter.
     """
     method.check_supports(method.task_capability(task.model_kind))
+    get_strategy(cfg.strategy).check(method, resolve_device(cfg.device))
     if resolve_precision(cfg, resolve_device(cfg.device)).name == "bf16-true":
         method.check_supports("bf16_true")
     loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base,
@@ -162,7 +163,7 @@ def _progress(total: int, enabled: bool):
 
 def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Tensor]], accelerator,
                    trainable: list[torch.Tensor], clip: float, device: torch.device,
-                   precision: Precision) -> tuple[float, float, int]:
+                   precision: Precision, strategy: Strategy) -> tuple[float, float, int]:
     """Forward/backward over one step's micro-batches; returns (mean loss, grad norm, real tokens).
 
     The loss is normalised by the number of counted items (tokens or examples) in the whole step, over every
@@ -175,7 +176,7 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
         counts = accelerator.reduce(counts, reduction="sum")
     step_loss = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro):
-        with accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext():
+        with strategy.micro_batch(accelerator, model, last=i == len(micro) - 1):
             with compute_context(precision, device.type):  # the forward only: backward follows its dtypes
                 loss_sum = task.loss(model, batch)
             accelerator.backward(loss_sum.float() * (world / counts[0]))
@@ -183,6 +184,8 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
     if world > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients (FSDP): the norm is a DTensor over all ranks
+        grad_norm = grad_norm.full_tensor()
     return float(step_loss / counts[0]), float(grad_norm), int(counts[1])
 
 
@@ -199,12 +202,15 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
     n_epochs = math.ceil(total_steps / per_epoch)
     state.total_steps, state.steps_per_epoch = total_steps, per_epoch
+    strategy = get_strategy(cfg.strategy)
+    model = strategy.shard(model, precision, device)  # before the optimizer: FSDP's optimizer holds the shards
     optimizer = build_optimizer(model, method, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     method.begin_training(model, total_steps)
     if resume_from is not None:
+        check_processes(resume_from, resume_state, world)
         load_checkpoint(resume_from, model, optimizer, scheduler, resume_state)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = strategy.prepare(accelerator, model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     model.train()
@@ -213,10 +219,7 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
     timer = Stopwatch(device)
 
     def checkpoint(best: dict[str, Any] | None = None) -> None:
-        if run.is_writer:
-            save_checkpoint(run.path, state, accelerator.unwrap_model(model), optimizer.optimizer
-                            if hasattr(optimizer, "optimizer") else optimizer, scheduler, cfg, cfg.keep_last, best)
-        accelerator.wait_for_everyone()
+        strategy.save_checkpoint(accelerator, run.path, state, model, optimizer, scheduler, cfg, best)
 
     for epoch in range(state.epoch, n_epochs):
         perm = epoch_permutation(n, cfg.seed, epoch)
@@ -225,7 +228,7 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
             micro = [task.train_batch(data, ix) for ix in step_micro_batches(
                 perm, step_in_epoch, cfg.batch_size, cfg.grad_accum, world, rank)]
             mean_loss, grad_norm, tokens = optimizer_step(task, model, micro, accelerator, trainable, clip, device,
-                                                       precision)
+                                                       precision, strategy)
             state.step += 1
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(state.step, "loss")
@@ -274,12 +277,18 @@ def train_loop(cfg: RunConfig, task: Task, data: Any, model: nn.Module, method: 
 
 
 def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: RunDir, accelerator,
-                 extra_files: dict[str, str] | None = None) -> Path:
-    """Save the adapter (peft format) or, for full fine-tuning, the whole model with its tokenizer."""
+                 strategy: Strategy, extra_files: dict[str, str] | None = None) -> Path:
+    """Save the adapter (peft format) or, for full fine-tuning, the whole model with its tokenizer.
+
+    Rank 0 writes; a sharded model is first gathered onto rank 0 (a collective: every rank calls this)."""
     model = accelerator.unwrap_model(model)
     target = run.path / ("adapter" if method.is_peft else "model")
+    gathered = strategy.final_state_dict(model, trainable_only=method.is_peft)
     if accelerator.is_main_process:
-        model.save_pretrained(target, safe_serialization=True, **method.save_kwargs(run.path))
+        kwargs = method.save_kwargs(run.path)
+        if gathered is not None:
+            kwargs["state_dict"] = gathered
+        model.save_pretrained(target, safe_serialization=True, **kwargs)
         loaded.tokenizer.save_pretrained(target)
         for name, text in (extra_files or {}).items():
             (target / name).write_text(text, encoding="utf-8")
@@ -298,13 +307,15 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
 
     # cpu=True whenever training runs on CPU (also for device "auto" without CUDA): under torchrun this is what
     # makes accelerate join the gloo process group (MULTI_CPU) instead of running each rank alone.
-    unsupported = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else None
-    accelerator = None if unsupported else Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
-    if accelerator is not None and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        unsupported = accelerator.distributed_type.name
-    if unsupported:
-        raise UserError(f"{unsupported} is not supported by peftlab's loop yet; launch with torchrun or "
-                        "`accelerate launch --multi_gpu` (DDP), see docs/distributed.md")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise UserError("accelerate's FSDP plugin: peftlab applies FSDP2 itself; launch with a multi-process "
+                        "accelerate config (examples/accelerate/fsdp2.yaml) and pass --strategy fsdp to peftlab "
+                        "(docs/distributed.md)")
+    accelerator = Accelerator(cpu=resolve_device(cfg.device).type == "cpu")
+    if accelerator.distributed_type.name in ("DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"{accelerator.distributed_type.name} is not supported by peftlab's loop; launch with "
+                        "torchrun or `accelerate launch --multi_gpu`, with --strategy ddp or fsdp "
+                        "(docs/distributed.md)")
     resume = None
     if cfg.resume:  # checked before any heavy work: the checkpoint must exist and match this config
         if not cfg.output_dir:
@@ -385,7 +396,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
     eval_timer.stop()
     with compute_context(loaded.precision, device.type):
         sample = task.sample(data, accelerator.unwrap_model(model), final)
-    saved = save_trained(model, loaded, method, run, accelerator)
+    saved = save_trained(model, loaded, method, run, accelerator, get_strategy(cfg.strategy))
     if run.is_writer:  # only rank 0 writes files
         task.write_artifacts(data, run.path, final, before)
         write_stage(run.path, task.name, final)  # per-example values, for intervals

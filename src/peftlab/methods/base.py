@@ -76,6 +76,9 @@ class PlanTerms:
     notes: tuple[str, ...] = ()
     activation_bytes_per_token_head: int = 0  # extra bytes saved per token at the head (full: the head's inputs)
     gradients_held_bytes: int | None = None  # gradients held at the forward/backward peak (None: all of them)
+    # bf16 copies of fp32 trainable weights that autocast keeps through forward/backward; under FSDP the
+    # all-gathered bf16 parameters take their place, so the planner counts them only without sharding
+    autocast_copy_bytes: int = 0
 
 
 class Method:
@@ -97,6 +100,8 @@ class Method:
     #: Before training, the wrapped model computes exactly what its base computes (an update initialised to zero),
     #: so runs of different methods and seeds share one baseline evaluation (``peftlab.baseline``).
     starts_as_base: ClassVar[bool] = False
+    #: FSDP2 sharding is built and tested for this method (full and the LoRA family); the others refuse it.
+    shards_with_fsdp: ClassVar[bool] = False
 
     # --- traits ----------------------------------------------------------------------------------------------
 
@@ -105,12 +110,20 @@ class Method:
 
     def check_supports(self, capability: str) -> None:
         """Raise a one-line UserError if this method cannot do ``capability`` (one of :data:`CAPABILITIES`)."""
-        reason = self.unsupported.get(capability)
+        reason = self.unsupported_reasons().get(capability)
         if reason is not None:
             raise UserError(f"method {self.name!r} {reason}")
 
     def supports(self, capability: str) -> bool:
-        return capability not in self.unsupported
+        return capability not in self.unsupported_reasons()
+
+    def unsupported_reasons(self) -> dict[str, str]:
+        """Every capability this method lacks, with its reason (``unsupported`` plus the traits that imply one)."""
+        out = dict(self.unsupported)
+        if not self.shards_with_fsdp:
+            out.setdefault("fsdp", "does not support --strategy fsdp (built for full fine-tuning and the LoRA "
+                           "family); use --strategy ddp")
+        return out
 
     def config_label(self, fields: dict[str, Any]) -> str:
         """The seed's "(r, alpha)" cell for a run's method fields, '-' for methods without a rank."""

@@ -21,6 +21,7 @@ class Full(Method):
     order = 0
     is_peft = False
     starts_as_base = True
+    shards_with_fsdp = True
     unsupported = {"merge": "trains every weight, so there is no adapter to merge; use its model/ folder as is",
                    "quantized_base": "trains every weight, which a 4-bit base cannot hold; use --method qlora",
                    # AdamW updates of ~lr * 1e-3 vanish when added to bf16 weights (8 mantissa bits)
@@ -45,5 +46,5 @@ class Full(Method):
                          activation_bytes_per_token_layer=a * (4 * h + arch.intermediate_size),
                          activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held,
                          # bf16-mixed: autocast's bf16 copies of the fp32 matmul weights live through the step
-                         activation_bytes_fixed=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
+                         autocast_copy_bytes=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
                          else 0)

@@ -27,6 +27,7 @@ class Lora(Method):
     mergeable = True
     shows_rank = True
     starts_as_base = True  # B is initialised to zero
+    shards_with_fsdp = True
     #: Extra LoraConfig arguments of a variant (use_dora, use_rslora, init_lora_weights).
     lora_options: ClassVar[dict[str, Any]] = {}
 

@@ -23,6 +23,7 @@ class Pissa(Lora):
     order = 40
     converts_at_save = True
     starts_as_base = False  # W_res + B0 A0 equals the base only up to rounding
+    shards_with_fsdp = False  # the save-time conversion reloads the initial adapter into the (sharded) model
     lora_options = {"init_lora_weights": "pissa_niter_4"}
 
     def before_training_save(self, model: nn.Module, run_dir: Any) -> None:

@@ -29,7 +29,7 @@ def methods_table() -> str:
         method = get_method(name)
         defaults = method.fields().model_dump()
         fields = ", ".join(f"`{k}`={_value(v)}" for k, v in defaults.items()) or "none"
-        cannot = ", ".join(method.unsupported) or "-"
+        cannot = ", ".join(method.unsupported_reasons()) or "-"
         rows.append(f"| `{name}` | {method.display_name} | {method.summary} | {fields} | {cannot} |")
     return "\n".join(rows)
 

@@ -50,6 +50,20 @@ activations, notes); this module never asks for a method by name. The terms of t
   hidden states (h per token). Without it: 12 bytes per vocabulary entry per token (the logits, the log-softmax
   output and two gradient buffers over every token).
 
+Several processes (``processes`` N > 1; a launched rank reads N from WORLD_SIZE): the plan is one process's peak.
+
+* **ddp**: each process holds everything one process holds, plus DDP's gradient buckets (one more copy of the
+  trainable gradients, allocated when DDP wraps the model); activations are one micro-batch of the process.
+* **fsdp** (FSDP2 ``fully_shard`` on every decoder layer, then on the root module): base and trainable weights,
+  AdamW states and gradients are stored as 1/N dim-0 shards (gradients reduce-scattered after every micro-batch,
+  at the master dtype); at the forward/backward peak add two decoder layers all-gathered in the compute dtype (the
+  one computing and the one prefetched), the root group (embeddings, final norm, LM head) unsharded in the compute
+  dtype (FSDP2 keeps it from forward through backward) and one layer's unsharded gradient of its trainable weights
+  at the master dtype. Full fine-tuning without accumulation holds only the head's gradient at that peak, as on
+  one process, unsharded (the head is in the root group). Under bf16-mixed (MixedPrecisionPolicy with bf16
+  parameters, fp32 reduction) the gathered parameters are already bf16, so autocast's weight copies are not
+  counted. The optimizer step holds the shards only. Communication buffers are not counted.
+
 The activation terms were checked against the tensors autograd actually saves (``saved_tensors_hooks``) on
 smollm2-135m and tiny random models (tests/test_plan.py). On CPU the measured figure is peak RSS; glibc keeps freed
 heap pages, which adds a slack that grows over the first steps and that no formula predicts (on smollm2-135m,
@@ -81,7 +95,14 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 PLANNED_PRECISIONS = ("fp32", "bf16-mixed", "bf16-true")
 #: PlanInput fields that describe the run (the rest of a PlanInput's keyword arguments are method fields).
 RUN_INPUTS = ("batch_size", "seq_len", "grad_accum", "optimizer", "gradient_checkpointing", "device", "precision",
-              "vocab_logits", "chunked_ce", "fused_optimizer", "fp32_attention")
+              "vocab_logits", "chunked_ce", "fused_optimizer", "fp32_attention", "processes", "strategy")
+STRATEGIES = ("ddp", "fsdp")
+UNSHARDED_LAYERS = 2  # FSDP: the layer computing and the one prefetched are all-gathered at once
+#: The seed table's column of each component (every key plan_memory may return).
+COMPONENT_GROUPS = {"weights": ("base_weights", "trainable_weights", "unsharded_layers", "root_parameters"),
+                    "gradients+optimizer": ("gradients", "layer_gradient", "ddp_gradient_buckets",
+                                            "optimizer_states", "optimizer_step_temp"),
+                    "activations+logits": ("activations", "logits_ce"), "runtime": ("runtime",)}
 
 
 @dataclass(init=False)
@@ -108,6 +129,8 @@ class PlanInput:
     chunked_ce: bool
     fused_optimizer: bool
     fp32_attention: bool
+    processes: int  # processes of the run: the plan is one process's peak
+    strategy: str  # ddp | fsdp: how several processes hold the model (no effect on one process)
 
     def __init__(self, method: str | None = None, fields: dict[str, Any] | None = None,
                  user_set: tuple[str, ...] | None = None, **kwargs: Any) -> None:
@@ -124,7 +147,8 @@ class PlanInput:
                "grad_accum": field_default("grad_accum"), "optimizer": "adamw",
                "gradient_checkpointing": field_default("gradient_checkpointing"), "device": "cpu",
                "precision": "fp32", "vocab_logits": True, "chunked_ce": field_default("chunked_ce"),
-               "fused_optimizer": field_default("fused_optimizer"), "fp32_attention": field_default("fp32_attention")}
+               "fused_optimizer": field_default("fused_optimizer"), "fp32_attention": field_default("fp32_attention"),
+               "processes": 1, "strategy": field_default("strategy")}
         run.update({k: v for k, v in kwargs.items() if k in RUN_INPUTS})
         for key, value in run.items():
             setattr(self, key, value)
@@ -139,6 +163,11 @@ class PlanInput:
         """The dtype of trainable weights, their gradients and optimizer states (bf16 only under bf16-true)."""
         return "bfloat16" if self.precision == "bf16-true" else "float32"
 
+    @property
+    def shards_parameters(self) -> bool:
+        """FSDP over several processes: parameters, gradients and optimizer states are split between them."""
+        return self.strategy == "fsdp" and self.processes > 1
+
 
 @dataclass
 class Plan:
@@ -151,6 +180,7 @@ class Plan:
     phases: dict[str, int]
     counts: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # display names of components (default: the key)
 
     @property
     def peak_bytes(self) -> int:
@@ -162,7 +192,7 @@ class Plan:
                 "peak_phase": self.peak_phase,
                 "components_gb": {k: v / GIB for k, v in self.components.items()},
                 "phases_gb": {k: v / GIB for k, v in self.phases.items()}, "counts": self.counts,
-                "notes": self.notes}
+                "notes": self.notes, **({"labels": self.labels} if self.labels else {})}
 
 
 class NotPlanned(UserError):
@@ -229,7 +259,13 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
         raise UserError(f"optimizer {inp.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if inp.precision not in PLANNED_PRECISIONS:
         raise UserError(f"precision {inp.precision!r}: choose one of {', '.join(PLANNED_PRECISIONS)}")
+    if inp.strategy not in STRATEGIES:
+        raise UserError(f"strategy {inp.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if isinstance(inp.processes, bool) or not isinstance(inp.processes, int) or inp.processes < 1:
+        raise UserError(f"processes {inp.processes!r}: give a whole number of at least 1")
     method = get_method(inp.method)
+    if inp.shards_parameters:
+        method.check_supports("fsdp")
     terms = method_terms(arch, inp)
     n_train, largest, pbytes = terms.trainable_params, terms.largest_trainable, terms.trainable_bytes_per_param
     trainable = n_train * pbytes
@@ -244,6 +280,8 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
     tokens = inp.batch_size * inp.seq_len
     per_token, _ = activation_bytes_per_token(arch, inp, terms)
     acts = tokens * per_token + terms.activation_bytes_fixed
+    if not inp.shards_parameters:  # FSDP's all-gathered bf16 parameters replace autocast's copies
+        acts += terms.autocast_copy_bytes
     act_bytes = method.activation_element_bytes(inp)
     logits = 0
     if inp.vocab_logits and inp.chunked_ce:
@@ -255,29 +293,98 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
     fixed = {"runtime": runtime, "base_weights": base, "trainable_weights": trainable, "optimizer_states": states}
     fwd = dict(fixed, gradients=held, activations=acts, logits_ce=logits, optimizer_step_temp=0)
     step = dict(fixed, gradients=grads, activations=0, logits_ce=0, optimizer_step_temp=step_temp)
+    notes = list(terms.notes)
+    labels: dict[str, str] = {}
+    if inp.shards_parameters:
+        fwd, step, labels = _fsdp_per_process(arch, inp, terms, fwd, step, terms.gradients_held_bytes is None)
+        notes.append(_fsdp_note(inp))
+    elif inp.processes > 1:
+        # DDP's reducer allocates its buckets when it wraps the model: one more copy of the trainable gradients
+        fwd["ddp_gradient_buckets"] = step["ddp_gradient_buckets"] = grads
+        notes.append(f"ddp on {inp.processes} processes, per process: each holds what one process holds plus "
+                     "DDP's gradient buckets (one more copy of the trainable gradients); activations are one "
+                     "micro-batch of this process (batch_size per process); the process group's own buffers are not "
+                     "counted")
     phases = {"forward_backward": sum(fwd.values()), "optimizer_step": sum(step.values())}
     peak_phase = max(phases, key=phases.get)
-    notes = list(terms.notes)
     if inp.device == "cuda":
         notes.append("cuda: runtime is the CUDA context (not in torch.cuda.max_memory_*); reserved memory is "
                      "usually 5-20% above allocated")
     counts = {"trainable_params": n_train, "total_params": arch.total_params() + (n_train if method.is_peft else 0),
               "tokens_per_micro_batch": tokens}
     return Plan(model=arch.name, inputs=inp, components=fwd if peak_phase == "forward_backward" else step,
-                peak_phase=peak_phase, phases=phases, counts=counts, notes=notes)
+                peak_phase=peak_phase, phases=phases, counts=counts, notes=notes, labels=labels)
 
 
-def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "causal_lm") -> PlanInput:
+def root_params(arch: Arch) -> int:
+    """Parameters outside the decoder layers: embeddings, an untied head and the final norm (FSDP's root group)."""
+    return arch.embedding_params() + arch.hidden_size
+
+
+def _fsdp_per_process(arch: Arch, inp: PlanInput, terms: PlanTerms, fwd: dict[str, int], step: dict[str, int],
+                      all_grads_held: bool) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """One process's components under FSDP2 as training applies it (the module docstring): every stored
+    parameter, gradient and optimizer state split N ways, plus what exists unsharded while layers compute."""
+    n = inp.processes
+    method = get_method(inp.method)
+    compute, master = DTYPE_BYTES[inp.dtype], terms.trainable_bytes_per_param
+    layers = arch.num_layers
+    # a PEFT method's weights live inside the decoder layers; full fine-tuning also trains the root group
+    layer_trainable = (terms.trainable_params - (0 if method.is_peft else root_params(arch))) // layers
+    layer_params = (arch.total_params() - root_params(arch)) // layers + (layer_trainable if method.is_peft else 0)
+    sharded = ("base_weights", "trainable_weights", "optimizer_states", "optimizer_step_temp")
+    out_fwd = {k: (-(-v // n) if k in sharded else v) for k, v in fwd.items()}
+    out_step = {k: (-(-v // n) if k in sharded + ("gradients",) else v) for k, v in step.items()}
+    # at the activation peak: all sharded gradients (PEFT, accumulation), or only the head's, in the unsharded root
+    if all_grads_held:
+        out_fwd["gradients"] = -(-fwd["gradients"] // n)
+    unsharded = {"unsharded_layers": UNSHARDED_LAYERS * layer_params * compute,
+                 "root_parameters": root_params(arch) * compute, "layer_gradient": layer_trainable * master}
+    out_fwd.update(unsharded)
+    out_step.update(dict.fromkeys(unsharded, 0))  # resharded after backward
+    share = f"sharded 1/{n}"
+    labels = {"base_weights": f"base weights ({share})", "trainable_weights": f"trainable weights ({share})",
+              "optimizer_states": f"optimizer states ({share})",
+              "gradients": f"gradients ({share})" if all_grads_held else "gradients (head, unsharded)",
+              "optimizer_step_temp": f"optimizer step temp ({share})",
+              "unsharded_layers": f"unsharded layers ({UNSHARDED_LAYERS}, all-gather + prefetch)",
+              "root_parameters": "root parameters (unsharded)", "layer_gradient": "layer gradient (unsharded)"}
+    return out_fwd, out_step, labels
+
+
+def _fsdp_note(inp: PlanInput) -> str:
+    """What the FSDP per-process plan assumes."""
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    n, dtype, master = inp.processes, short[inp.dtype], short[inp.master_dtype]
+    note = (f"fsdp on {n} processes, per process: FSDP2 fully_shard on every decoder layer and the root; each "
+            f"process stores 1/{n} of every parameter, its AdamW states and its gradients ({master}, "
+            f"reduce-scattered after every micro-batch); {UNSHARDED_LAYERS} layers all-gathered at a time in "
+            f"{dtype} (one computing, one prefetched); the root group (embeddings, final norm, LM head) unsharded "
+            f"from forward through backward; one layer's unsharded gradient ({master}) before its reduce-scatter; "
+            "activations of one micro-batch of this process (batch_size per process); NCCL buffers not counted")
+    if inp.precision == "bf16-mixed":
+        note += "; bf16-mixed as MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast copies"
+    if get_method(inp.method).quantizes_base:
+        note += "; a 4-bit base's layers are counted gathered in the compute dtype (an upper bound)"
+    return note
+
+
+def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "causal_lm",
+                           processes: int | None = None) -> PlanInput:
     """PlanInput for a RunConfig (device and precision 'auto' resolve to what is here: CUDA if visible, else CPU;
-    bf16-mixed where the device has native bf16)."""
+    bf16-mixed where the device has native bf16). ``processes`` defaults to the launcher's WORLD_SIZE (1 when
+    unset), so that a launched rank plans itself."""
+    if processes is None:
+        processes = world_size()
+    from peftlab.precision import Capabilities, for_device, resolve
+
     device = cfg.device
     if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    from peftlab.precision import for_device
-
-    precision = for_device(cfg.precision, device).name
+        device = "cuda" if cuda_here() else "cpu"
+    if device == "cuda" and not cuda_here():  # planning for GPUs elsewhere: a bf16 GPU (A100, H100)
+        precision = resolve(cfg.precision, Capabilities("cuda", cuda_bf16=True, cuda_name="(assumed)")).name
+    else:
+        precision = for_device(cfg.precision, device).name
     from peftlab.tasks import get_task
 
     seq_len = get_task(cfg.task).seq_len(cfg)
@@ -286,7 +393,29 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
                      batch_size=cfg.batch_size, seq_len=seq_len, grad_accum=cfg.grad_accum, optimizer=optimizer,
                      gradient_checkpointing=cfg.gradient_checkpointing, device=device, precision=precision,
                      vocab_logits=task_kind == "causal_lm", chunked_ce=cfg.chunked_ce,
-                     fused_optimizer=cfg.fused_optimizer, fp32_attention=cfg.fp32_attention)
+                     fused_optimizer=cfg.fused_optimizer, fp32_attention=cfg.fp32_attention,
+                     processes=processes, strategy=cfg.strategy)
+
+
+def cuda_here() -> bool:
+    """Whether this machine has a CUDA device (imports torch)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def world_size() -> int:
+    """The launcher's WORLD_SIZE (torchrun, accelerate), 1 outside a launched run."""
+    value = os.environ.get("WORLD_SIZE", "").strip()
+    if not value:
+        return 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"WORLD_SIZE={value!r} is not a whole number") from None
+    if n < 1:
+        raise UserError(f"WORLD_SIZE={value!r}: expected at least 1")
+    return n
 
 
 def loaded_weight_bytes(model) -> dict[str, int]:
@@ -333,13 +462,14 @@ def estimate_for_run(cfg, model) -> dict[str, Any]:
     return out
 
 
-def plan_for_config(cfg, model: str | None = None, optimizer: str = "adamw", runtime_bytes: int | None = None) -> Plan:
-    """Plan a RunConfig's run without loading weights."""
+def plan_for_config(cfg, model: str | None = None, optimizer: str = "adamw", runtime_bytes: int | None = None,
+                    processes: int | None = None) -> Plan:
+    """Plan a RunConfig's run without loading weights (one process's peak on ``processes``, default WORLD_SIZE)."""
     arch = load_arch(model or cfg.model)
     from peftlab.tasks import TASKS
 
     task_kind = TASKS[cfg.task].model_kind
-    return plan_memory(arch, plan_input_from_config(cfg, optimizer, task_kind), runtime_bytes=runtime_bytes)
+    return plan_memory(arch, plan_input_from_config(cfg, optimizer, task_kind, processes), runtime_bytes=runtime_bytes)
 
 
 def measure_runtime_rss() -> int:
@@ -372,10 +502,13 @@ def format_plan(plan: Plan) -> str:
     lines = [f"model {plan.model}: {plan.counts['trainable_params']:,} trainable of {plan.counts['total_params']:,} "
              f"parameters; method {inp.method}, {inp.device} {inp.precision}, batch {inp.batch_size} x seq "
              f"{inp.seq_len}, accumulation {inp.grad_accum}, {inp.optimizer}"
-             f"{', gradient checkpointing' if inp.gradient_checkpointing else ''}",
-             f"{'component':<22}{'GiB':>10}"]
-    lines += [f"{k:<22}{format_gb(v, 3):>10}" for k, v in plan.components.items()]
-    lines.append(f"{'peak (' + plan.peak_phase + ')':<26}{format_gb(plan.peak_bytes, 3):>6}")
+             f"{', gradient checkpointing' if inp.gradient_checkpointing else ''}"
+             f"{f', {inp.strategy} on {inp.processes} processes (per process)' if inp.processes > 1 else ''}"]
+    names = {k: plan.labels.get(k, k) for k in plan.components}
+    width = max(22, *(len(v) + 2 for v in names.values()))
+    lines.append(f"{'component':<{width}}{'GiB':>10}")
+    lines += [f"{names[k]:<{width}}{format_gb(v, 3):>10}" for k, v in plan.components.items()]
+    lines.append(f"{'peak (' + plan.peak_phase + ')':<{width + 4}}{format_gb(plan.peak_bytes, 3):>6}")
     other = [k for k in plan.phases if k != plan.peak_phase][0]
     lines.append(f"({other}: {format_gb(plan.phases[other], 3)} GiB)")
     lines += [f"note: {n}" for n in plan.notes]
