@@ -6,7 +6,7 @@ are stored (parameter dtypes: a frozen base under bf16-mixed keeps bf16 matmul w
 ones), the task's evaluation identity (evaluation data as used, its fingerprint, and the fields of
 ``Task.eval_fields``), the method when it changes the model before training (a 4-bit base, or an initialisation
 that is not the base's function), the seed when the model has newly initialised modules (a classification head),
-the package versions and the peftlab commit. Fields that change only float rounding (threads, the evaluation
+the package versions and a hash of peftlab's source. Fields that change only float rounding (threads, the evaluation
 batch size where evaluation does not pad) are left out, so that runs differing in them share.
 
 Entries live in ``$PEFTLAB_BASELINE_CACHE`` (a sweep points it at ``<sweep dir>/baselines``), else in
@@ -24,7 +24,7 @@ from typing import Any
 
 from peftlab.errors import UserError
 from peftlab.per_example import values_from_json, values_to_json, write_stage
-from peftlab.record import git_commit, package_versions, write_json
+from peftlab.record import package_versions, write_json
 from peftlab.tasks.base import Evaluation
 
 CACHE_ENV = "PEFTLAB_BASELINE_CACHE"
@@ -48,6 +48,15 @@ def _model_state(cfg, method) -> dict[str, Any]:
     if method.quantizes_base:  # the 4-bit base is the baseline; its quantization settings are method fields
         return {"method": method.name, "fields": cfg.method_fields()}
     return {}
+
+
+def code_digest() -> str:
+    """A hash of peftlab's own source files: any code change (committed or not) gives new keys."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def model_files(source: str) -> list[tuple[str, int, int]] | None:
@@ -76,7 +85,7 @@ def baseline_key(cfg, task, data, loaded, method, model) -> dict[str, Any]:
         "method": _model_state(cfg, method),
         "head_seed": cfg.seed if loaded.new_modules else None,  # a newly initialised head depends on the seed
         "versions": versions,
-        "code": git_commit(),
+        "code": code_digest(),
     }
 
 
