@@ -27,6 +27,25 @@ def auto_precision_is_fp32():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_baseline_cache(tmp_path_factory):
+    """The session's shared-baseline cache (module-scoped run fixtures are made before a test's own): never the
+    user's cache."""
+    from peftlab.baseline import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("baselines-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def own_baseline_cache(tmp_path_factory, monkeypatch):
+    """Each test its own shared-baseline cache: no entry of another test (or of the user's runs) is reused."""
+    from peftlab.baseline import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("baselines")))
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The offline dataset mirror (../shared/datasets)."""

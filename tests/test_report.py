@@ -11,13 +11,18 @@ import subprocess
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pytest
 
 from peftlab.cli import main
 from peftlab.errors import UserError
+from peftlab.per_example import write_stage
 from peftlab.record import RunRecord
 from peftlab.report import build_tables, markdown_table, read_sweep, write_report
+from peftlab.report.tables import number
+from peftlab.stats import bootstrap_ci, exp_ratio_of, mean_over, paired_bootstrap
 from peftlab.sweep.store import SweepStore
+from peftlab.tasks.base import Evaluation, ExampleValues
 
 matplotlib.use("Agg")
 
@@ -96,17 +101,21 @@ def test_tables_follow_the_seed_layout_with_mean_and_std(sweep_dir):
     assert sorted(tables) == ["classification", "clm", "instruction"]
     clm = markdown_table(tables["clm"]).splitlines()
     assert clm[0] == ("| Model | Training Type | LoRA Config (r, alpha) | Time/Epoch (min) ↓ | Perplexity ↓ | "
-                      "Memory (GB) ↓ | Trainable % | Tokens/s ↑ | Seeds |")
+                      "95% CI | Δ vs LoRA (8, 16) (95% CI) | Memory (GB) ↓ | Trainable % | Tokens/s ↑ | Seeds |")
     # full: perplexity 10 and 12 -> mean 11, sample std sqrt(2) = 1.4142; time 1 and 2 min -> 1.50 ± 0.71;
     # memory 2.0 and 2.5 -> 2.25 ± 0.35; trainable 100000 of 100000 = 100 % (no spread); tokens/s 200 both
-    assert clm[2] == "| smollm2-135m | Full | - | 1.50 ± 0.71 | **11.00 ± 1.41** | 2.25 ± 0.35 | 100 | 200 ± 0 | 2 |"
-    assert clm[3] == "| smollm2-135m | LoRA | (8, 16) | 0.50 | 14.00 | 1.00 | 1 | 200 | 1 |"
-    assert clm[4] == "| smollm2-135m | QLoRA | (8, 16) | 0.75 | 15.00 | 0.50 | 1 | 200 | 1 |"
+    # these runs have no per-example values (older runs): the intervals are '-'; LoRA (8, 16) is the reference
+    assert clm[2] == ("| smollm2-135m | Full | - | 1.50 ± 0.71 | **11.00 ± 1.41** | - | - | 2.25 ± 0.35 | 100 | "
+                      "200 ± 0 | 2 |")
+    assert clm[3] == "| smollm2-135m | LoRA | (8, 16) | 0.50 | 14.00 | - | reference | 1.00 | 1 | 200 | 1 |"
+    assert clm[4] == "| smollm2-135m | QLoRA | (8, 16) | 0.75 | 15.00 | - | - | 0.50 | 1 | 200 | 1 |"
     cls = markdown_table(tables["classification"]).splitlines()
     assert "Accuracy ↑" in cls[0] and "F1 (macro) ↑" in cls[0] and "Seeds" not in cls[0]
-    assert cls[3] == "| smollm2-135m | LoRA | (8, 32) | 1.00 | **0.8000** | 1.00 | 1 | 200 | 0.7800 |"  # higher wins
+    assert "Δ vs LoRA (4, 16) (95% CI)" in cls[0]  # no LoRA (8, 16) row: the first plain LoRA is the reference
+    assert cls[3] == "| smollm2-135m | LoRA | (8, 32) | 1.00 | **0.8000** | - | - | 1.00 | 1 | 200 | 0.7800 |"
     inst = markdown_table(tables["instruction"]).splitlines()[0]
-    assert inst.endswith("| ROUGE-L ↑ | Memory (GB) ↓ | Trainable % | Tokens/s ↑ | BLEU ↑ | Exact match ↑ | "
+    assert inst.endswith("| ROUGE-L ↑ | 95% CI | Δ vs LoRA (8, 16) (95% CI) | Memory (GB) ↓ | Trainable % | "
+                         "Tokens/s ↑ | BLEU ↑ | Exact match ↑ | "
                          "Perplexity ↓ |")
 
 
@@ -146,6 +155,73 @@ def test_report_writes_tables_plots_and_a_self_contained_html(sweep_dir, tmp_pat
     assert page.count("<details>") == 7  # each finished run's config
     md = made.markdown.read_text()
     assert "![clm on wikitext-2-raw-v1: speed](plots/clm-wikitext-2-raw-v1-speed.png)" in md
+
+
+def clm_values(nll: list[float], tokens: int = 10) -> ExampleValues:
+    return ExampleValues({"blocks": {"nll": tuple(nll), "tokens": (tokens,) * len(nll)}})
+
+
+def write_values(folder: Path, run_id: str, after: ExampleValues, before: ExampleValues | None = None,
+                 baseline_key: str = "k1") -> None:
+    """A run's eval_examples.json with these per-example values."""
+    run_dir = folder / "runs" / run_id
+    if before is not None:
+        write_stage(run_dir, "clm", Evaluation("before", {"baseline_key": baseline_key}, examples=before))
+    write_stage(run_dir, "clm", Evaluation("after", {}, examples=after))
+
+
+def test_intervals_from_per_example_values(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(20, 40, 64)  # NLL of 64 blocks of 10 tokens
+    ref, same, worse = base * 0.6, base * 0.6, base * 0.6 + rng.uniform(2, 4, 64)
+    full = [base * 0.5, base * 0.52]  # two seeds
+
+    def res(run_id, method, seed, values, r=8, alpha=16):
+        ppl = float(np.exp(values.sum() / (10 * len(values))))
+        return make_results(run_id, task="clm", method=method, seed=seed, r=r, alpha=alpha,
+                            after={"perplexity": ppl}, before={"perplexity": float(np.exp(base.sum() / 640)),
+                                                               "baseline_key": "k1"})
+
+    runs = [("full-s1", res("a", "full", 1, full[0])), ("full-s2", res("b", "full", 2, full[1])),
+            ("lora-r8", res("c", "lora", 1, ref)), ("lora-r16", res("d", "lora", 1, same, 16, 32)),
+            ("lora-r4", res("e", "lora", 1, worse, 4, 8)), ("lora-old", res("f", "lora", 1, ref, 32, 64))]
+    folder = make_store(tmp_path / "sweep", runs)
+    for rid, values in (("full-s1", full[0]), ("full-s2", full[1]), ("lora-r8", ref), ("lora-r16", same),
+                        ("lora-r4", worse)):  # lora-old has none: an older run
+        write_values(folder, rid, clm_values(list(values)), clm_values(list(base)))
+    (table,) = build_tables(read_sweep(folder).finished)
+    rows = {g.runs[0].id: g for g in table.groups}
+
+    ratio = [exp_ratio_of(v, [10] * 64) for v in full]
+    expect = bootstrap_ci(mean_over(ratio), 64, 2000, 0)  # seeds pooled on the same resamples
+    assert rows["full-s1"].stats.ci == expect
+    assert rows["full-s1"].stats.ci.estimate == pytest.approx(np.mean([r["metrics"]["after"]["perplexity"]
+                                                                       for _, r in runs[:2]]))
+    diff = rows["full-s1"].stats.diff
+    assert diff == paired_bootstrap(exp_ratio_of(ref, [10] * 64), mean_over(ratio), 64, 2000, 0)
+    assert diff.hi < 0 and diff.excludes_zero  # full is clearly better (lower) than LoRA (8, 16)
+    assert rows["lora-r16"].stats.diff.estimate == 0 and not rows["lora-r16"].stats.diff.excludes_zero
+    assert rows["lora-r4"].stats.diff.lo > 0 and rows["lora-r8"].stats.is_reference
+    assert rows["lora-old"].stats.ci is None and rows["lora-old"].stats.diff is None
+
+    lines = {line.split(" | ")[2] + line.split(" | ")[1]: line for line in markdown_table(table).splitlines()[2:]}
+    assert lines["-Full"].split(" | ")[5] == f"[{number(expect.lo)}, {number(expect.hi)}]"
+    assert lines["-Full"].split(" | ")[6].endswith(" *")
+    assert lines["(16, 32)LoRA"].split(" | ")[6] == "0.0000 [0.0000, 0.0000]"
+    assert lines["(8, 16)LoRA"].split(" | ")[6] == "reference"
+    assert lines["(32, 64)LoRA"].split(" | ")[5:7] == ["-", "-"]
+    notes = "\n".join(table.notes)
+    base_ci = bootstrap_ci(exp_ratio_of(base, [10] * 64), 64)  # one shared baseline (key k1), counted once
+    assert f"95% CI [{number(base_ci.lo)}, {number(base_ci.hi)}] over 64 blocks" in notes
+    assert "2000 resamples, seed 0" in notes and "paired bootstrap" in notes
+
+    from peftlab.report.plots import metric_error
+
+    y = rows["full-s1"].stats.ci.estimate
+    assert metric_error(rows["full-s1"], y, 1.0) == [[y - expect.lo], [expect.hi - y]]
+    assert metric_error(rows["lora-old"], 5.0, 1.0) == [1.0]  # no values: ± std
+    made = write_report(folder, tmp_path / "out")
+    assert "95% CI" in made.markdown.read_text()
 
 
 def test_plots_put_better_up(sweep_dir):

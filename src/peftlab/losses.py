@@ -41,6 +41,31 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def loss_rows(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy per sequence of the batch ([batch], float32), for evaluation only: what is
+    reported per block or response. Padded, packed (``position_ids``) and prompt-learning batches as the losses."""
+    labels = shift_labels(batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if batch.get("position_ids") is not None:
+        inputs["position_ids"] = batch["position_ids"]
+    head = output_head(model) if chunked else None
+    if head is not None:
+        out = model(**inputs, output_hidden_states=True,
+                    logits_to_keep=torch.empty(0, dtype=torch.long, device=batch["input_ids"].device))
+        hidden = out.hidden_states[-1][:, -labels.size(1):]
+        return torch.stack([chunked_linear_cross_entropy(hidden[i:i + 1], head.weight, labels[i:i + 1]).float()
+                            for i in range(labels.size(0))])
+    logits = model(**inputs).logits[:, -labels.size(1):].float()
+    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    return per_token.view(labels.shape).sum(dim=1)
+
+
+def label_counts(labels: torch.Tensor) -> list[int]:
+    """Tokens that carry loss per sequence (as :func:`shifted_label_count`, row by row)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+
+
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 
 

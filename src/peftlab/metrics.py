@@ -47,13 +47,19 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
-def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure (rouge-score, Porter stemming) over the pairs, in [0, 1]."""
+def rouge_l_scores(hypotheses: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure (rouge-score, Porter stemming) of each pair, in [0, 1]."""
     from rouge_score import rouge_scorer
 
     _same_length(hypotheses, references)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
+    return [float(scorer.score(ref, hyp)["rougeL"].fmeasure) for hyp, ref in zip(hypotheses, references,
+                                                                                    strict=True)]
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure over the pairs, in [0, 1]."""
+    scores = rouge_l_scores(hypotheses, references)
     return float(sum(scores) / len(scores))
 
 
@@ -62,12 +68,16 @@ def normalize_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
+def exact_matches(hypotheses: Sequence[str], references: Sequence[str]) -> list[bool]:
+    """Whether each hypothesis equals its reference after whitespace normalisation (case kept)."""
+    _same_length(hypotheses, references)
+    return [normalize_whitespace(h) == normalize_whitespace(r) for h, r in zip(hypotheses, references, strict=True)]
+
+
 def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Fraction of hypotheses equal to their reference after whitespace normalisation (case kept)."""
-    _same_length(hypotheses, references)
-    hits = sum(normalize_whitespace(h) == normalize_whitespace(r) for h, r in zip(hypotheses, references,
-                                                                                   strict=True))
-    return hits / len(hypotheses)
+    hits = exact_matches(hypotheses, references)
+    return sum(hits) / len(hits)
 
 
 def generation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -29,6 +29,7 @@ RESULTS_FILE = "results.json"
 FAILED_FILE = "failed.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+EXAMPLES_FILE = "eval_examples.json"  # per-example evaluation values (peftlab.per_example)
 TRACKED_PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
                     "tokenizers", "safetensors", "numpy", "scikit-learn", "sacrebleu", "rouge-score")
 
@@ -126,7 +127,7 @@ class RunDir:
             raise UserError(f"output_dir {str(path)!r} is a file; choose a folder")
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
-            stale = [RESULTS_FILE, FAILED_FILE] + ([] if resuming else [METRICS_FILE])
+            stale = [RESULTS_FILE, FAILED_FILE] + ([] if resuming else [METRICS_FILE, EXAMPLES_FILE])
             for name in stale:
                 (path / name).unlink(missing_ok=True)
             atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(reloadable_config(cfg), sort_keys=False))

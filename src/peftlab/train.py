@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from peftlab import model_card, tracking
+from peftlab.baseline import evaluate_before
 from peftlab.checkpoint import check_compatible, check_processes, load_checkpoint, resolve_resume
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
 from peftlab.models import LoadedModel, load_model, resolve_device, resolve_precision
+from peftlab.per_example import write_stage
 from peftlab.plan.memory import estimate_for_run
 from peftlab.precision import Precision, compute_context
 from peftlab.record import (
@@ -374,10 +376,10 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
     if resume is not None:
         resumed_from, saved_state = resume
         state = LoopState(**saved_state["loop"])
-    elif cfg.eval_before:
+    elif cfg.eval_before:  # shared by runs with the same baseline key (peftlab.baseline)
         eval_timer.start()
         with compute_context(loaded.precision, device.type):
-            before = task.evaluate(data, model, "before")
+            before = evaluate_before(cfg, task, data, model, loaded, method, run)
         state.before = before.metrics
         eval_timer.stop()
         tracking.log_eval(accelerator, state.before, 0, "eval_before")
@@ -397,6 +399,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
     saved = save_trained(model, loaded, method, run, accelerator, get_strategy(cfg.strategy))
     if run.is_writer:  # only rank 0 writes files
         task.write_artifacts(data, run.path, final, before)
+        write_stage(run.path, task.name, final)  # per-example values, for intervals
 
     train_time = state.train_seconds()
     epoch_fraction = state.step / state.steps_per_epoch

@@ -97,6 +97,9 @@ class Method:
     shows_rank: ClassVar[bool] = False  # the (r, alpha) column and the run id show r and alpha
     optimizer_is_fused: ClassVar[bool] = True  # the loop's fused AdamW applies (False: its own, unfused optimizer)
     unsupported: ClassVar[dict[str, str]] = {}  # capability -> why not (one line, no trailing period)
+    #: Before training, the wrapped model computes exactly what its base computes (an update initialised to zero),
+    #: so runs of different methods and seeds share one baseline evaluation (``peftlab.baseline``).
+    starts_as_base: ClassVar[bool] = False
     #: FSDP2 sharding is built and tested for this method (full and the LoRA family); the others refuse it.
     shards_with_fsdp: ClassVar[bool] = False
 
@@ -127,6 +130,11 @@ class Method:
         if not self.shows_rank:
             return "-"
         return f"({fields['r']}, {float(fields['alpha']):g})"
+
+    def reference_rank(self, fields: dict[str, Any]) -> int | None:
+        """How well this config serves as the report's reference row (0 best; None: never), whose difference every
+        other row shows: the seed's LoRA (8, 16), else another plain LoRA shape."""
+        return None
 
     def run_id_part(self, fields: dict[str, Any]) -> str:
         """What the method adds to a default run name, e.g. '-r8a16'."""

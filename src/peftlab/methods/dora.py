@@ -16,6 +16,7 @@ class Dora(Lora):
     summary = "weight-decomposed LoRA (Liu et al. 2024)"
     order = 30
     lora_options = {"use_dora": True}
+    starts_as_base = False  # the magnitude renormalisation reproduces the base only up to rounding
 
     def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
         lora = super().plan_terms(arch, plan_input)

@@ -20,6 +20,7 @@ class Full(Method):
     summary = "all weights trainable"
     order = 0
     is_peft = False
+    starts_as_base = True
     shards_with_fsdp = True
     unsupported = {"merge": "trains every weight, so there is no adapter to merge; use its model/ folder as is",
                    "quantized_base": "trains every weight, which a 4-bit base cannot hold; use --method qlora",

@@ -26,9 +26,15 @@ class Lora(Method):
     fields = LoraFields
     mergeable = True
     shows_rank = True
+    starts_as_base = True  # B is initialised to zero
     shards_with_fsdp = True
     #: Extra LoraConfig arguments of a variant (use_dora, use_rslora, init_lora_weights).
     lora_options: ClassVar[dict[str, Any]] = {}
+
+    def reference_rank(self, fields: dict[str, Any]) -> int | None:
+        if type(self) is not Lora:  # the variants are compared with plain LoRA, not used as the reference
+            return None
+        return 0 if (fields.get("r"), float(fields.get("alpha", 0))) == (8, 16.0) else 1
 
     def lora_config(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str]):
         from peft import LoraConfig

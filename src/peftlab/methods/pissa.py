@@ -22,6 +22,7 @@ class Pissa(Lora):
     summary = "LoRA initialised from the principal singular vectors (Meng et al. 2024)"
     order = 40
     converts_at_save = True
+    starts_as_base = False  # W_res + B0 A0 equals the base only up to rounding
     shards_with_fsdp = False  # the save-time conversion reloads the initial adapter into the (sharded) model
     lora_options = {"init_lora_weights": "pissa_niter_4"}
 

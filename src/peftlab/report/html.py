@@ -26,10 +26,11 @@ details { margin: 0.3rem 0; } summary { cursor: pointer; font-family: monospace;
 pre { background: #f6f8fa; padding: 0.6rem; font-size: 0.8rem; overflow-x: auto; }
 td.error { text-align: left; white-space: normal; font-family: monospace; font-size: 0.8rem; }
 """
-CAPTIONS = {"speed": "Speed vs metric: time per epoch against the headline metric, one point per config.",
-            "memory": "Memory vs metric: training memory against the headline metric.",
+CAPTIONS = {"speed": "Speed vs metric: time per epoch against the headline metric, one point per config (error bars: "
+                     "the metric's 95% bootstrap CI).",
+            "memory": "Memory vs metric: training memory against the headline metric (error bars: 95% CI).",
             "params": "Trainable parameters (log scale) vs metric.",
-            "loss": "Training loss per run."}
+            "loss": "Training loss per run: every seed of a config, in the config's colour."}
 
 
 def data_uri(path: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.record import RunRecord
-from peftlab.report.tables import Column, TaskTable
+from peftlab.report.tables import Column, ConfigGroup, TaskTable
 
 SCATTERS = {  # kind -> (column key or params, x label, log x)
     "speed": ("time_per_epoch_min", "Time/Epoch (min) → slower", False),
@@ -17,6 +17,7 @@ SCATTERS = {  # kind -> (column key or params, x label, log x)
     "params": ("trainable_params", "Trainable parameters (log scale) → more", True),
 }
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+SEED_STYLES = ("-", "--", ":", "-.")  # the seeds of one config: one colour, a line style each
 
 
 def _pyplot():
@@ -55,8 +56,17 @@ def _trainable_params(record: RunRecord) -> float | None:
     return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
+def metric_error(group: ConfigGroup, y: float, std: float | None) -> list | None:
+    """The metric's error bar: the row's 95% bootstrap CI where it has one, else ± std over seeds."""
+    ci = group.stats.ci
+    if ci is not None:
+        return [[max(y - ci.lo, 0.0)], [max(ci.hi - y, 0.0)]]
+    return [std] if std else None
+
+
 def scatter(table: TaskTable, kind: str, folder: Path) -> tuple[Path, Path]:
-    """One point per config (mean, with ± std error bars over seeds), labelled, coloured by model."""
+    """One point per config (seed mean), labelled, coloured by model; the metric's error bar is its 95% bootstrap CI
+    (± std over seeds without per-example values), the cost's ± std over seeds."""
     plt = _pyplot()
     key, xlabel, logx = SCATTERS[kind]
     xcol = (Column("trainable_params", "Trainable parameters", _trainable_params, str) if key == "trainable_params"
@@ -73,15 +83,16 @@ def scatter(table: TaskTable, kind: str, folder: Path) -> tuple[Path, Path]:
         ys.append(y)
         color = f"C{models.index(str(group.first.model.name)) % 10}"
         marker = MARKERS[methods.index(str(group.first.method.name)) % len(MARKERS)]
-        ax.errorbar([x], [y], xerr=[xs] if xs else None, yerr=[ysd] if ysd else None, fmt=marker, color=color,
-                    markersize=7, capsize=3)
+        ax.errorbar([x], [y], xerr=[xs] if xs else None, yerr=metric_error(group, y, ysd), fmt=marker,
+                    color=color, markersize=7, capsize=3)
         ax.annotate(group.label(table.several_models), (x, y), textcoords="offset points", xytext=(6, 5),
                     fontsize=8)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     metric_axis(ax, table, ys)
-    ax.set_title(f"{table.title}: {xcol.label} vs {ycol.label} (better: up, cheaper: left)")
+    ax.set_title(f"{table.title}: {xcol.label} vs {ycol.label} (better: up, cheaper: left)\n"
+                 "error bars: 95% bootstrap CI over evaluation examples (else ± std over seeds)", fontsize=9)
     for i, model in enumerate(models):
         ax.plot([], [], "o", color=f"C{i % 10}", label=model)
     if len(models) > 1 or len(table.groups) > 1:
@@ -103,8 +114,8 @@ def loss_curves(table: TaskTable, folder: Path) -> tuple[Path, Path]:
             if not rows:
                 continue
             xs = [r.get("epoch", r.get("step")) for r in rows]
-            ax.plot(xs, [r["loss"] for r in rows], color=f"C{i % 10}", alpha=0.9 if j == 0 else 0.55,
-                    linestyle="-" if j == 0 else "--", marker="." if len(rows) < 30 else None,
+            ax.plot(xs, [r["loss"] for r in rows], color=f"C{i % 10}", alpha=0.9 if j == 0 else 0.6,
+                    linestyle=SEED_STYLES[j % len(SEED_STYLES)], marker="." if len(rows) < 30 else None,
                     label=f"{group.label(table.several_models)}" + (f" seed {run.config.get('seed')}"
                                                                      if len(group.runs) > 1 else ""))
     ax.set_xlabel("Epoch")

@@ -19,10 +19,21 @@ from typing import Any
 
 from peftlab.config import defining_fields
 from peftlab.errors import UserError
+from peftlab.per_example import StageValues, read_stages
 from peftlab.record import METRICS_FILE, RunRecord
+from peftlab.stats import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    Interval,
+    bootstrap_ci,
+    mean_over,
+    paired_bootstrap,
+    statistic,
+)
 from peftlab.summary import (
     config_label,
     data_used,
+    method_of,
     method_order,
     metric_spec,
     quantizes_base,
@@ -55,6 +66,15 @@ class FinishedRun:
     def config(self) -> dict[str, Any]:
         return self.record.config
 
+    def stages(self) -> dict[str, StageValues] | None:
+        """The run's per-example evaluation values (eval_examples.json) by stage, or None for an older run."""
+        for folder in (self.folder, Path(self.record.run_dir) if self.record.run_dir else None):
+            if folder is not None and folder.is_dir():
+                found = read_stages(folder)
+                if found is not None:
+                    return found
+        return None
+
     def history(self) -> list[dict[str, Any]]:
         """metrics.jsonl rows (or the tail kept in results.json when the file is gone)."""
         path = self.folder / METRICS_FILE
@@ -85,11 +105,22 @@ class Column:
         return f"{self.label} {arrow(self.higher_is_better)}".strip()
 
 
+@dataclass(frozen=True)
+class RowStats:
+    """A row's intervals for the headline metric: the seed-mean's bootstrap CI and its difference from the
+    reference row (paired bootstrap); None where the runs lack per-example values."""
+
+    ci: Interval | None = None
+    diff: Interval | None = None
+    is_reference: bool = False
+
+
 @dataclass
 class ConfigGroup:
     """Runs whose configs differ only in seed: one table row."""
 
     runs: list[FinishedRun]
+    stats: RowStats = field(default_factory=RowStats)
 
     @property
     def first(self) -> RunRecord:
@@ -127,6 +158,7 @@ class TaskTable:
     columns: list[Column]
     groups: list[ConfigGroup]
     notes: list[str] = field(default_factory=list)
+    reference_label: str | None = None  # the reference row's label ('LoRA (8, 16)'), when every model has one
 
     @property
     def title(self) -> str:
@@ -155,13 +187,22 @@ class TaskTable:
         for column in self.columns:
             mean, std = group.mean_std(column)
             row.append(format_mean_std(mean, std if column.spread else None, column.digits))
+            if column.key == self.metric:
+                row += [format_interval(group.stats.ci, column.digits),
+                        "reference" if group.stats.is_reference else format_difference(group.stats.diff,
+                                                                                       column.digits)]
         if self.several_seeds:
             row.append(str(len(group.runs)))
         return row
 
     def headers(self) -> list[str]:
-        return (["Model", "Training Type", "LoRA Config (r, alpha)"] + [c.header for c in self.columns]
-                + (["Seeds"] if self.several_seeds else []))
+        heads = []
+        for column in self.columns:
+            heads.append(column.header)
+            if column.key == self.metric:
+                heads += ["95% CI", f"Δ vs {self.reference_label or 'reference'} (95% CI)"]
+        return ["Model", "Training Type", "LoRA Config (r, alpha)"] + heads + (["Seeds"] if self.several_seeds
+                                                                                else [])
 
     def best_group(self) -> ConfigGroup | None:
         """The row with the best headline mean (respecting the metric's direction)."""
@@ -211,6 +252,18 @@ def format_mean_std(mean: float | None, std: float | None, fmt: Callable[[float]
         return text
     decimals = len(text.split(".", 1)[1]) if "." in text and "e" not in text else 0
     return f"{text} ± {std:.{decimals}f}"
+
+
+def format_interval(ci: Interval | None, fmt: Callable[[float], str]) -> str:
+    """'[13.20, 14.90]' or '-'."""
+    return "-" if ci is None else f"[{fmt(ci.lo)}, {fmt(ci.hi)}]"
+
+
+def format_difference(diff: Interval | None, fmt: Callable[[float], str]) -> str:
+    """'-3.00 [-3.50, -2.50] *' (the mark when the interval excludes zero) or '-'."""
+    if diff is None:
+        return "-"
+    return f"{fmt(diff.estimate):s} {format_interval(diff, fmt)}" + (" *" if diff.excludes_zero else "")
 
 
 def _per_minute(seconds: float | None) -> float | None:
@@ -272,9 +325,94 @@ def build_tables(runs: list[FinishedRun]) -> list[TaskTable]:
         table = TaskTable(task, dataset, str(first.task.metric), bool(first.task.higher_is_better),
                           table_columns(first, members),
                           sorted((ConfigGroup(g) for g in groups.values()), key=_sort_key))
+        attach_stats(table)
         table.notes = table_notes(table)
         tables.append(table)
     return tables
+
+
+# --- intervals from per-example values -------------------------------------------------------------------------
+def _eval_identity(record: RunRecord) -> str:
+    """Which evaluation examples a run used (source, fingerprint, count): pairs need the same ones."""
+    part = record.data.eval
+    return json.dumps(part.model_dump(mode="json") if part is not None else None, sort_keys=True, default=str)
+
+
+def _seed_stats(runs: list[FinishedRun], spec, stage: str) -> tuple[list, int, str] | None:
+    """Each run's resampled statistic of the metric at ``stage``, the number of units, and the evaluation identity;
+    None when a run lacks per-example values or the runs were not evaluated on the same examples."""
+    rule = spec.statistic
+    if rule is None:
+        return None
+    stats, sizes, identities = [], set(), set()
+    for run in runs:
+        stages = _stages(run)
+        entry = stages.get(stage) if stages else None
+        columns = entry.values.groups.get(rule.unit) if entry is not None else None
+        if columns is None or not all(c in columns for c in rule.columns):
+            return None
+        stats.append(statistic(rule.kind, columns, rule.columns, entry.values.classes))
+        sizes.add(entry.size(rule.unit))
+        identities.add(_eval_identity(run.record))
+    if len(sizes) != 1 or len(identities) != 1:
+        return None
+    return stats, sizes.pop(), identities.pop()
+
+
+_STAGES: dict[Path, dict[str, StageValues] | None] = {}
+
+
+def _stages(run: FinishedRun) -> dict[str, StageValues] | None:
+    """A run's stages, read once per report."""
+    if run.folder not in _STAGES:
+        _STAGES[run.folder] = run.stages()
+    return _STAGES[run.folder]
+
+
+def _reference(groups: list[ConfigGroup]) -> ConfigGroup | None:
+    """The group whose method ranks best as the reference (ties: the first in table order)."""
+    ranked = []
+    for group in groups:
+        method = method_of(group.first)
+        rank = method.reference_rank(group.first.method.fields) if method is not None else None
+        if rank is not None:
+            ranked.append((rank, len(ranked), group))
+    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+
+
+def attach_stats(table: TaskTable, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> None:
+    """Each row's CI of the headline metric (seeds pooled: the mean of the seeds' statistics on shared resamples)
+    and its paired difference from the reference row of its model."""
+    _STAGES.clear()
+    spec = metric_spec(table.groups[0].first, table.metric)
+    labels = set()
+    for model in sorted({str(g.first.model.name) for g in table.groups}):
+        groups = [g for g in table.groups if str(g.first.model.name) == model]
+        ref = _reference(groups)
+        labels.add(ref.label(False) if ref is not None else None)
+        ref_stats = _seed_stats(ref.runs, spec, "after") if ref is not None else None
+        for group in groups:
+            own = _seed_stats(group.runs, spec, "after")
+            ci = bootstrap_ci(mean_over(own[0]), own[1], resamples, seed) if own else None
+            diff = None
+            if own and ref_stats and group is not ref and own[1:] == ref_stats[1:]:
+                diff = paired_bootstrap(mean_over(ref_stats[0]), mean_over(own[0]), own[1], resamples, seed)
+            group.stats = RowStats(ci, diff, group is ref)
+    table.reference_label = labels.pop() if len(labels) == 1 else None
+
+
+def baseline_interval(runs: list[FinishedRun], spec, resamples: int = DEFAULT_RESAMPLES,
+                      seed: int = DEFAULT_SEED) -> tuple[Interval, int, str] | None:
+    """The CI of the base model's metric over its distinct baseline evaluations (a shared one counts once), the
+    number of evaluated units and their name; None without per-example values."""
+    distinct: dict[str, FinishedRun] = {}
+    for run in runs:
+        key = (run.record.metrics.before or {}).get("baseline_key")
+        distinct.setdefault(str(key) if key else run.id, run)
+    found = _seed_stats(list(distinct.values()), spec, "before")
+    if found is None:
+        return None
+    return bootstrap_ci(mean_over(found[0]), found[1], resamples, seed), found[1], spec.statistic.unit
 
 
 def _data_line(record: RunRecord) -> str:
@@ -310,10 +448,20 @@ def table_notes(table: TaskTable) -> list[str]:
                     for v in [r.record.metric(table.metric, "before")] if v is not None]
             if vals:
                 base = "4-bit base" if quantized else "base model"
+                members = [r for r in runs if str(r.record.model.name) == model
+                           and quantizes_base(r.record) == quantized]
+                found = baseline_interval(members, metric_spec(members[0].record, table.metric))
+                ci = "" if found is None else (f" (95% CI {format_interval(found[0], number)} over {found[1]} "
+                                                f"{found[2]})")
                 notes.append(f"Before training ({base} {model}, same evaluation data): {label} "
-                             f"{number(statistics.fmean(vals))}.")
+                             f"{number(statistics.fmean(vals))}{ci}.")
     if table.several_seeds:
         notes.append("Cells over several seeds show mean ± sample standard deviation; Seeds counts the runs.")
+    ref = table.reference_label or "the reference row of the same model"
+    notes.append(f"95% CI: percentile bootstrap over the evaluation examples ({DEFAULT_RESAMPLES} resamples, seed "
+                 f"{DEFAULT_SEED}; seeds pooled: every seed resampled with the same indices). Δ: the row's "
+                 f"{table.metric_column.label} minus {ref}'s, with a paired bootstrap (both rows on the same "
+                 "resampled examples); * marks an interval that excludes zero. '-': no per-example values.")
     best = table.best_group()
     if best is not None and len(table.groups) > 1:
         notes.append(f"Best {table.metric_column.label} ({'higher' if table.higher_is_better else 'lower'} is "

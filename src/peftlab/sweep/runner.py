@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from peftlab.baseline import CACHE_ENV as BASELINE_CACHE_ENV
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
 from peftlab.record import FAILED_FILE, RESULTS_FILE, FailedRecord, RunRecord
@@ -323,7 +324,8 @@ def _execute(out: Path, run: SweepRun, store: SweepStore) -> tuple[str, str, flo
     config_path = _write_run_config(out, run)
     log = out / "logs" / f"{run.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           BASELINE_CACHE_ENV: str(out / "baselines")}  # runs of the sweep share their baseline evaluations
     start = time.monotonic()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(run_command(config_path), stdout=fh, stderr=subprocess.STDOUT,

@@ -27,6 +27,20 @@ if TYPE_CHECKING:  # typing only
 
 
 @dataclass(frozen=True)
+class Statistic:
+    """How a metric is recomputed from per-example values (for bootstrap intervals, :mod:`peftlab.stats`).
+
+    ``kind`` is "mean" (of one column), "exp_ratio" (exp of sum of the first column over sum of the second:
+    perplexity) or "macro_f1" (from label and prediction columns); ``unit`` names the group of
+    :class:`ExampleValues` whose rows are resampled.
+    """
+
+    kind: str
+    unit: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MetricSpec:
     """One metric a task reports: its key in the metrics dict, its label, its direction and its format."""
 
@@ -36,6 +50,8 @@ class MetricSpec:
     fmt: str = ".4f"  # a format spec for the value, e.g. ".2f"
     #: Scored on greedy generations (so ``generation_subset`` and ``max_new_tokens`` shape it).
     generated: bool = False
+    #: How to recompute it per bootstrap resample from the evaluation's per-example values (None: not possible).
+    statistic: Statistic | None = None
 
     @property
     def arrow(self) -> str:
@@ -54,12 +70,22 @@ class RawData:
 
 
 @dataclass(frozen=True)
+class ExampleValues:
+    """Per-example evaluation values: per unit ("blocks", "responses", "generations", "examples"), named columns of
+    one value per unit, in evaluation order; ``classes``: the label count (macro-F1 counts every class)."""
+
+    groups: dict[str, dict[str, tuple[float, ...]]]
+    classes: int | None = None
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """What ``Task.evaluate()`` returns: the metrics, and what artifacts and samples need (per-example outputs)."""
 
     stage: str  # "before", "after", "eval", "epoch<N>"
     metrics: dict[str, Any]
     outputs: tuple[Any, ...] = ()  # one per evaluated example, in evaluation order (predictions, generations)
+    examples: ExampleValues | None = None  # per-example values (written to eval_examples.json, for intervals)
 
 
 class Task:
@@ -76,6 +102,11 @@ class Task:
     metrics: ClassVar[tuple[MetricSpec, ...]]  # every metric it reports; metrics[0] is the headline
     table_metrics: ClassVar[tuple[str, ...]] = ()  # keys of the extra columns after the headline, in order
     example_unit: ClassVar[str] = "examples"  # "blocks" | "examples": what train_subset/eval_subset count
+    #: Config fields besides the model and the evaluation data that change what ``evaluate`` computes: part of the
+    #: shared baseline's key (:mod:`peftlab.baseline`). Fields that only change float rounding are left out.
+    eval_fields: ClassVar[tuple[str, ...]] = ()
+    #: Evaluation pads batches (results may depend on the evaluation batch size, e.g. batched greedy generation).
+    eval_pads: ClassVar[bool] = False
 
     @classmethod
     def seq_len(cls, cfg) -> int:
@@ -151,3 +182,21 @@ class Task:
     def info(self, data) -> dict[str, Any]:
         """Data provenance for results.json: sources, splits, sizes, fingerprints and notes."""
         return {}
+
+    def eval_identity(self, data) -> dict[str, Any]:
+        """What decides the evaluation's numbers apart from the model: the evaluation data as used (source,
+        fingerprint, count), the ``eval_fields`` and, when evaluation pads, the evaluation batch size."""
+        from peftlab.tasks.common import eval_batch_size
+
+        out = {"task": self.name, "eval_data": self.info(data).get("eval"),
+               **{name: getattr(self.cfg, name) for name in self.eval_fields}}
+        if self.eval_pads:
+            out["eval_batch_size"] = eval_batch_size(self.cfg)
+        return out
+
+    def outputs_to_json(self, outputs: tuple[Any, ...]) -> list[Any]:
+        """Per-example outputs as JSON values (to cache a baseline evaluation); text outputs as they are."""
+        return list(outputs)
+
+    def outputs_from_json(self, values: list[Any]) -> tuple[Any, ...]:
+        return tuple(values)

@@ -21,7 +21,7 @@ from torch import nn
 from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, MetricSpec, RawData, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
 from peftlab.tasks.common import (
     check_positions,
     eval_batch_size,
@@ -123,10 +123,14 @@ class ClassificationTask(Task):
     name = "classification"
     model_kind = "seq_cls"
     order = 1
-    metrics = (MetricSpec("accuracy", "Accuracy", higher_is_better=True),
-               MetricSpec("macro_f1", "F1 (macro)", higher_is_better=True))
+    metrics = (MetricSpec("accuracy", "Accuracy", higher_is_better=True,
+                          statistic=Statistic("mean", "examples", ("correct",))),
+               MetricSpec("macro_f1", "F1 (macro)", higher_is_better=True,
+                          statistic=Statistic("macro_f1", "examples", ("label", "prediction"))))
     table_metrics = ("macro_f1",)
     example_unit = "examples"
+    eval_fields = ("text_column", "text_pair_column", "label_column", "max_length", "eval_subset")
+    eval_pads = True
 
     # --- raw data -------------------------------------------------------------------------------------------
     def load(self) -> ClassificationRaw:
@@ -268,8 +272,12 @@ class ClassificationTask(Task):
         truth = [r[2] for r in data.raw.eval_rows]
         metrics = classification_metrics(truth, preds, len(data.raw.label_names))
         mean = nll / len(truth)
+        examples = ExampleValues({"examples": {"label": tuple(truth), "prediction": tuple(preds),
+                                               "correct": tuple(float(p == t) for p, t in zip(preds, truth,
+                                                                                               strict=True))}},
+                                 classes=len(data.raw.label_names))
         return Evaluation(stage, {**metrics, "eval_loss": mean, "eval_examples": len(truth)},
-                          tuple(Prediction(p, q) for p, q in zip(preds, probs, strict=True)))
+                          tuple(Prediction(p, q) for p, q in zip(preds, probs, strict=True)), examples)
 
     def sample(self, data: ClassificationData, model: nn.Module, result: Evaluation) -> dict[str, Any]:
         if not data.raw.eval_rows:
@@ -305,6 +313,15 @@ class ClassificationTask(Task):
              "confusion_matrix": {"rows": "true label", "columns": "predicted label", "matrix": matrix}},
             indent=2) + "\n", encoding="utf-8")
         (run_dir / "classification_report.txt").write_text(format_report(report, matrix, names), encoding="utf-8")
+
+    def eval_identity(self, data: ClassificationData) -> dict[str, Any]:
+        return {**super().eval_identity(data), "labels": list(data.raw.label_names)}
+
+    def outputs_to_json(self, outputs: tuple[Prediction, ...]) -> list[Any]:
+        return [[p.label, p.probability] for p in outputs]
+
+    def outputs_from_json(self, values: list[Any]) -> tuple[Prediction, ...]:
+        return tuple(Prediction(int(label), float(prob)) for label, prob in values)
 
     def info(self, data: ClassificationData) -> dict[str, Any]:
         raw, cfg = data.raw, self.cfg

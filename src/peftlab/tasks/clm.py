@@ -14,9 +14,9 @@ from torch import nn
 
 from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
-from peftlab.losses import causal_lm_loss_sum, shifted_label_count
+from peftlab.losses import causal_lm_loss_sum, label_counts, loss_rows, shifted_label_count
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, MetricSpec, RawData, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
 from peftlab.tasks.common import (
     check_positions,
     eval_batch_size,
@@ -78,17 +78,29 @@ def cached_blocks(split: DataSplit, tokenizer, block_size: int, text_column: str
     return np.load(path, mmap_mode="r")
 
 
-def perplexity(model: nn.Module, batches, chunked: bool = False) -> dict[str, float]:
-    """exp(total NLL / total predicted tokens) over every batch (not a mean of per-batch perplexities)."""
-    nll, count = 0.0, 0
+def perplexity_rows(model: nn.Module, batches, chunked: bool = False) -> tuple[list[float], list[int]]:
+    """Summed NLL and predicted tokens of every sequence of the batches, in order."""
+    nll: list[float] = []
+    tokens: list[int] = []
     with eval_mode(model):
         for batch in batches:
-            nll += float(causal_lm_loss_sum(model, batch, chunked=chunked))
-            count += shifted_label_count(batch["labels"])
+            nll += loss_rows(model, batch, chunked=chunked).double().tolist()
+            tokens += label_counts(batch["labels"])
+    return nll, tokens
+
+
+def perplexity_of(nll: list[float], tokens: list[int]) -> dict[str, float]:
+    """exp(total NLL / total predicted tokens) over every sequence (not a mean of per-sequence perplexities)."""
+    count = sum(tokens)
     if count == 0:
         raise UserError("evaluation split has no predicted tokens; give more evaluation data")
-    mean = nll / count
+    mean = math.fsum(nll) / count
     return {"eval_loss": mean, "perplexity": math.exp(mean), "eval_tokens": count}
+
+
+def perplexity(model: nn.Module, batches, chunked: bool = False) -> dict[str, float]:
+    """The perplexity metrics of the batches (see :func:`perplexity_of`)."""
+    return perplexity_of(*perplexity_rows(model, batches, chunked))
 
 
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -119,9 +131,11 @@ class CausalLMTask(Task):
 
     name = "clm"
     order = 0
-    metrics = (MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f"),)
+    metrics = (MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f",
+                          statistic=Statistic("exp_ratio", "blocks", ("nll", "tokens"))),)
     table_metrics = ()
     example_unit = "blocks"
+    eval_fields = ("block_size", "text_column", "eval_subset", "chunked_ce")
 
     @classmethod
     def seq_len(cls, cfg) -> int:
@@ -174,7 +188,9 @@ class CausalLMTask(Task):
             yield self._batch(data, data.eval_blocks, range(start, min(start + size, n)))
 
     def evaluate(self, data: ClmData, model: nn.Module, stage: str) -> Evaluation:
-        return Evaluation(stage, perplexity(model, self.eval_batches(data), chunked=self.cfg.chunked_ce))
+        nll, tokens = perplexity_rows(model, self.eval_batches(data), chunked=self.cfg.chunked_ce)
+        return Evaluation(stage, perplexity_of(nll, tokens),
+                          examples=ExampleValues({"blocks": {"nll": tuple(nll), "tokens": tuple(tokens)}}))
 
     def sample(self, data: ClmData, model: nn.Module, result: Evaluation) -> dict[str, Any]:
         text = generate_text(model, data.tokenizer, self.cfg.sample_prompt, self.cfg.max_new_tokens)

@@ -22,6 +22,8 @@ from peftlab.errors import UserError
 from peftlab.losses import (
     IGNORE_INDEX,
     chunked_linear_cross_entropy,
+    label_counts,
+    loss_rows,
     output_head,
     shift_labels,
     shifted_label_count,
@@ -39,7 +41,7 @@ from peftlab.prompts import (
     pad_batch,
 )
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, MetricSpec, RawData, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
 from peftlab.tasks.common import (
     check_positions,
     columns_of,
@@ -184,12 +186,18 @@ class InstructionTask(Task):
 
     name = "instruction"
     order = 2
-    metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True),
-               MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),
-               MetricSpec("exact_match", "Exact match", higher_is_better=True, generated=True),
-               MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f"))
+    metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True,
+                          statistic=Statistic("mean", "generations", ("rougeL",))),
+               MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),  # corpus-level
+               MetricSpec("exact_match", "Exact match", higher_is_better=True, generated=True,
+                          statistic=Statistic("mean", "generations", ("exact_match",))),
+               MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f",
+                          statistic=Statistic("exp_ratio", "responses", ("nll", "tokens"))))
     table_metrics = ("bleu", "exact_match", "perplexity")
     example_unit = "examples"
+    eval_fields = ("max_length", "prompt_template", "eval_subset", "generation_subset", "max_new_tokens",
+                   "chunked_ce")
+    eval_pads = True  # batched greedy generation is left-padded
 
     # --- raw data -------------------------------------------------------------------------------------------
     def load(self) -> InstructionRaw:
@@ -264,17 +272,17 @@ class InstructionTask(Task):
         return super().tokens_in(batch)
 
     # --- evaluation -----------------------------------------------------------------------------------------
-    def response_perplexity(self, data: InstructionData, model: nn.Module) -> dict[str, float]:
-        """exp(mean NLL over every response token of the evaluation examples), EOS included."""
-        nll, count = 0.0, 0
+    def response_nll(self, data: InstructionData, model: nn.Module) -> tuple[list[float], list[int]]:
+        """Summed NLL and token count of every evaluation response (EOS included), in order."""
+        nll: list[float] = []
+        tokens: list[int] = []
         size = eval_batch_size(self.cfg)
         with eval_mode(model):
             for start in range(0, len(data.eval_enc), size):
                 batch = pad_batch(list(data.eval_enc[start:start + size]), data.pad_id, data.device)
-                nll += float(response_loss_sum(model, batch, chunked=self.cfg.chunked_ce))
-                count += shifted_label_count(batch["labels"])
-        mean = nll / count
-        return {"eval_loss": mean, "perplexity": math.exp(mean), "eval_tokens": count}
+                nll += loss_rows(model, batch, chunked=self.cfg.chunked_ce).double().tolist()
+                tokens += label_counts(batch["labels"])
+        return nll, tokens
 
     def generate(self, data: InstructionData, model: nn.Module, items, desc: str = "generate") -> list[str]:
         """Greedy, batched (left-padded, longest prompts first) generations, in the order of ``items``."""
@@ -298,14 +306,21 @@ class InstructionTask(Task):
         return out
 
     def evaluate(self, data: InstructionData, model: nn.Module, stage: str) -> Evaluation:
-        from peftlab.metrics import generation_metrics
+        from peftlab.metrics import corpus_bleu, exact_matches, rouge_l_scores
 
-        metrics = self.response_perplexity(data, model)
+        nll, tokens = self.response_nll(data, model)
+        mean = math.fsum(nll) / sum(tokens)
         generations = self.generate(data, model, data.generation_enc, f"generate ({stage})")
         references = [e.reference for e in data.generation_enc]
-        return Evaluation(stage, {**generation_metrics(generations, references), **metrics,
-                                  "generated_examples": len(generations), "max_new_tokens": self.cfg.max_new_tokens},
-                          tuple(generations))
+        rouge, exact = rouge_l_scores(generations, references), exact_matches(generations, references)
+        metrics = {"bleu": corpus_bleu(generations, references), "rougeL": sum(rouge) / len(rouge),
+                   "exact_match": sum(exact) / len(exact), "eval_loss": mean, "perplexity": math.exp(mean),
+                   "eval_tokens": sum(tokens), "generated_examples": len(generations),
+                   "max_new_tokens": self.cfg.max_new_tokens}
+        examples = ExampleValues({"responses": {"nll": tuple(nll), "tokens": tuple(tokens)},
+                                  "generations": {"rougeL": tuple(rouge),
+                                                  "exact_match": tuple(float(e) for e in exact)}})
+        return Evaluation(stage, metrics, tuple(generations), examples)
 
     def sample(self, data: InstructionData, model: nn.Module, result: Evaluation) -> dict[str, Any]:
         first = data.generation_enc[0]
