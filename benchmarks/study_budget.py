@@ -31,6 +31,8 @@ from typing import Any
 
 from _common import run_logged
 
+from peftlab.sweep.runner import CALIBRATION_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -88,12 +90,16 @@ def measure(row: dict[str, Any], out: Path, steps: int, eval_cap: int, generatio
     return {"wall_s": wall, "first_step_s": first, "step_s": later, "load_s": timing["load_time_s"],
             "train_s": timing["train_time_s"], "eval_s": timing["eval_time_s"], "eval_used": used,
             "eval_total": total, "steps_per_epoch": steps / timing["epochs_trained"],
-            "generations": generations, "precision": results["model"]["precision"]}
+            "generations": generations, "precision": results["model"]["precision"],
+            "train_subset": row["config"].train_subset}
 
 
 def project(row: dict[str, Any], m: dict[str, Any], gen_s: float, generations_cal: int) -> dict[str, float]:
     cfg = row["config"]
-    total_steps = cfg.max_steps or round(m["steps_per_epoch"] * cfg.epochs)
+    per_epoch = m["steps_per_epoch"]
+    if cfg.train_subset and m.get("train_subset"):  # a reused measurement, re-projected onto a new training size
+        per_epoch *= cfg.train_subset / m["train_subset"]
+    total_steps = cfg.max_steps or round(per_epoch * cfg.epochs)
     train = m["first_step_s"] + m["step_s"] * (total_steps - 1)
     gens_cal = generations_cal if cfg.generation_subset else 0
     per_eval_example = max(0.0, m["eval_s"] / 2 - gens_cal * gen_s) / m["eval_used"]
@@ -113,6 +119,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps of each short run (default 4)")
     parser.add_argument("--eval-cap", type=int, default=16, help="evaluation examples of each short run")
     parser.add_argument("--generations", type=int, default=2, help="generations of the short runs (G)")
+    parser.add_argument("--reuse", type=Path, metavar="RESULTS_JSON",
+                        help="reuse the short runs of an earlier results.json (by row id; the rows' per-step and "
+                        "per-example times), re-projecting them onto the sweep file's current sizes")
+    parser.add_argument("--sweep-dir", type=Path, help="also write the calibration into this sweep output folder, "
+                        "where `peftlab sweep --dry-run` and the sweep's ETA read it")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            # a fresh cache: every short run measures its own baseline evaluation
@@ -120,7 +131,12 @@ def main() -> int:
     rows, counts = rows_of(args.sweep_file)
     measured: dict[str, dict[str, Any]] = {}
     gen_s = 0.0
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        measured, gen_s = {k: v for k, v in earlier["measured"].items()}, earlier["generation_s"]
     for row in rows:
+        if row["id"] in measured:
+            continue
         generating = bool(row["config"].generation_subset)
         print(f"measuring {row['id']} ...", flush=True)
         measured[row["id"]] = measure(row, args.out, args.steps, args.eval_cap,
@@ -128,15 +144,22 @@ def main() -> int:
         if generating and not gen_s:
             again = measure(row, args.out, args.steps, args.eval_cap, 2 * args.generations, env)
             gen_s = max(0.0, (again["eval_s"] - measured[row["id"]]["eval_s"]) / 2 / args.generations)
+    from peftlab.precision import cpu_model_name
+
     table, total = [], 0.0
     baselines: dict[str, float] = {}
+    calibration = []
     for row in rows:
         p = project(row, measured[row["id"]], gen_s, args.generations)
         cfg = row["config"]
         key = json.dumps([cfg.model, cfg.task, cfg.dataset, measured[row["id"]]["precision"], cfg.eval_subset])
-        baselines.setdefault(key, p["eval_s"])  # one shared baseline evaluation per base model, data, precision
         runs = counts[row["id"]]
+        # one shared baseline evaluation per base model, data and precision: charged to the first row that needs it
+        baseline = p["eval_s"] if key not in baselines else 0.0
+        baselines.setdefault(key, p["eval_s"])
         table.append({"row": row["id"], "runs": runs, **p, "total_s": runs * p["run_s"]})
+        calibration.append({"fields": {k: v for k, v in row["fields"].items() if k != "seed"},
+                            "seconds": p["run_s"] + baseline / runs})
         total += runs * p["run_s"]
     total += sum(baselines.values())
     lines = ["| Row | Runs | Steps | Train (min) | Eval (min) | Other (min) | Per run (min) | All runs (min) |",
@@ -153,6 +176,11 @@ def main() -> int:
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps({"measured": measured, "projected": table,
                                                        "generation_s": gen_s, "total_s": total}, indent=2))
+    calibration_text = json.dumps({"measured_on": cpu_model_name(), "sweep_file": str(args.sweep_file),
+                                   "command": " ".join(sys.argv), "rows": calibration}, indent=2, default=str)
+    for folder in filter(None, (args.out, args.sweep_dir)):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CALIBRATION_FILE).write_text(calibration_text)
     return 0
 
 

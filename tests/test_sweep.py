@@ -18,6 +18,7 @@ import yaml
 from peftlab.errors import UserError
 from peftlab.record import FAILED_FILE, RunRecord
 from peftlab.sweep.runner import (
+    CALIBRATION_FILE,
     ROUGH_OVERHEAD_S,
     ROUGH_TOKENS_PER_S,
     check_store_matches,
@@ -207,6 +208,28 @@ def test_dry_run_lists_actions_and_estimates(tmp_path):
     assert [line.action for line in retry.lines] == ["skip", "run", "run"]
     assert retry.estimate_s == 200.0
     assert "2 to run, 1 to skip; estimated 3m20s" in format_preview(retry)
+
+
+def test_dry_run_uses_the_calibration_until_a_similar_run_has_finished(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path / "a.yaml", {"base": TINY_BASE, "grid": {"r": [1, 2], "seed": [1, 2]}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"fields": {k: v for k, v in run.fields.items() if k != "seed"}, "seconds": 60.0 * run.fields["r"]}
+            for run in spec.runs if run.fields["seed"] == 1]
+    (out / CALIBRATION_FILE).write_text(json.dumps({"rows": rows}))
+    preview = preview_sweep(tmp_path / "a.yaml", out)
+    # every seed of a row gets the row's calibrated time
+    assert [(line.estimate_s, line.estimate_kind) for line in preview.lines] == [
+        (60.0, "calibrated"), (60.0, "calibrated"), (120.0, "calibrated"), (120.0, "calibrated")]
+    assert "estimated 6m00s" in format_preview(preview)
+    _store_with(tmp_path, spec, {spec.runs[0].id: "done"}, wall=75.0).close()  # r1 seed 1 finished in 75 s
+    after = preview_sweep(tmp_path / "a.yaml", out)
+    # its other seed takes the measured time; the other row keeps its calibration
+    assert [(line.estimate_s, line.estimate_kind) for line in after.to_run] == [
+        (75.0, "measured"), (120.0, "calibrated"), (120.0, "calibrated")]
+    (out / CALIBRATION_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="calibration.json: not a calibration file"):
+        preview_sweep(tmp_path / "a.yaml", out)
 
 
 def test_failure_message_prefers_failed_json_then_signal_then_error_line(tmp_path):

@@ -85,12 +85,43 @@ def rough_seconds(cfg: RunConfig) -> float | None:
     return ROUGH_OVERHEAD_S + tokens / rate
 
 
-def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float]]) -> tuple[float | None, str]:
-    """(seconds, how): the measured time of the most similar finished run (same model and task, then the most
-    fields of SIMILARITY_FIELDS in common; the mean over ties), else :func:`rough_seconds`."""
+#: A sweep folder's calibration: each row's run time projected from a short measured run on this machine
+#: (``benchmarks/study_budget.py SWEEP.yaml --out DIR --sweep-dir SWEEP_DIR`` writes it).
+CALIBRATION_FILE = "calibration.json"
+
+
+def row_key(fields: dict[str, Any]) -> str:
+    """A run's row in a calibration: its sweep fields without the seed (seeds cost the same)."""
+    return json.dumps({k: v for k, v in fields.items() if k != "seed"}, sort_keys=True, default=str)
+
+
+def read_calibration(out: Path) -> dict[str, float]:
+    """Row key -> projected seconds from ``out/calibration.json`` (empty when absent)."""
+    path = Path(out) / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        return {row_key(r["fields"]): float(r["seconds"]) for r in rows}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a calibration file ({exc}); delete it or rerun "
+                        "benchmarks/study_budget.py") from None
+
+
+def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float, str]],
+                     calibrated: float | None = None, row: str | None = None) -> tuple[float | None, str]:
+    """(seconds, how), the first that applies: the mean measured time of finished runs of the same row (``row``:
+    :func:`row_key`, i.e. other seeds), the row's calibrated projection, the measured time of the most similar
+    finished run (same model and task, then the most fields of SIMILARITY_FIELDS in common; the mean over ties),
+    :func:`rough_seconds`."""
+    same_row = [wall for _, wall, key in finished if row is not None and key == row]
+    if same_row:
+        return statistics.fmean(same_row), "measured"
+    if calibrated is not None:
+        return calibrated, "calibrated"
     dumped = cfg.model_dump(mode="json")
     best, times = -1, []
-    for config, wall in finished:
+    for config, wall, _ in finished:
         if config.get("model") != dumped["model"] or config.get("task") != dumped["task"]:
             continue
         score = sum(config.get(k) == dumped.get(k) for k in SIMILARITY_FIELDS)  # method fields may be absent
@@ -103,10 +134,11 @@ def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float]
     return rough_seconds(cfg), "rough"
 
 
-def _finished_times(store: SweepStore | None) -> list[tuple[dict[str, Any], float]]:
+def _finished_times(store: SweepStore | None) -> list[tuple[dict[str, Any], float, str]]:
+    """(config, wall seconds, row key) of every finished run in the store."""
     if store is None:
         return []
-    return [(r.record().config, r.wall_s) for r in store.rows()
+    return [(r.record().config, r.wall_s, row_key(r.definition)) for r in store.rows()
             if r.status == "done" and r.results and r.wall_s is not None]
 
 
@@ -119,7 +151,7 @@ class PreviewLine:
     status: str  # status in the store; 'new' without a row, 'interrupted' for 'running' with no sweep alive
     action: str  # 'run' | 'skip'
     estimate_s: float | None
-    estimate_kind: str  # 'measured' | 'rough' | 'done'
+    estimate_kind: str  # 'measured' | 'calibrated' | 'rough' | 'done'
     fields: dict[str, Any]
 
 
@@ -160,11 +192,13 @@ def preview_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: 
         if not sweep_is_running(out):  # a row left 'running' by a sweep that was killed
             status = {k: "interrupted" if v == "running" else v for k, v in status.items()}
         finished = _finished_times(store)
+        calibration = read_calibration(out)
         lines = []
         for run in spec.runs:
             st = status.get(run.id, "new")
             if _todo(st, retry_failed):
-                seconds, kind = estimate_seconds(run.config, finished)
+                key = row_key(run.fields)
+                seconds, kind = estimate_seconds(run.config, finished, calibration.get(key), key)
                 lines.append(PreviewLine(run.id, st, "run", seconds, kind, run.fields))
             else:
                 lines.append(PreviewLine(run.id, st, "skip", None, "done", run.fields))
@@ -391,7 +425,9 @@ def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bo
         counts = store.counts()
         pending = [r for r in todo if store.row(r.id).status in ("queued", "running")]
         finished = _finished_times(store)
-        estimates = [estimate_seconds(r.config, finished)[0] for r in pending]
+        calibration = read_calibration(out)
+        estimates = [estimate_seconds(r.config, finished, calibration.get(row_key(r.fields)), row_key(r.fields))[0]
+                     for r in pending]
         eta = None if any(e is None for e in estimates) else sum(estimates)  # type: ignore[arg-type]
         return Progress(event, len(spec.runs), counts["done"], counts["failed"], len(pending),
                         time.monotonic() - started, eta, **kw)
