@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import random_llama_config, random_llama_dir_built_apart
-from memory_methods import TOLERANCE, run_method
+from memory_methods import TOLERANCE, allocator_note, run_method, write_results
 
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24, "num_attention_heads": 16,
          "num_key_value_heads": 4, "tie_word_embeddings": True}
@@ -164,16 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": f"{Path(args.model).name} ({params / 1e9:.2f} B parameters)", "model_dir": args.model,
             "seed": SEED, "device": args.device, "precision": args.precision, "block_size": args.block_size,
             "batch_size": args.batch_size, "steps": args.steps, "processes": PROCESSES,
-            "allocator": "glibc defaults" if args.default_allocator else
-            "MALLOC_MMAP_THRESHOLD_=131072 (large allocations returned to the OS on free)"}
+            "allocator": allocator_note(args)}
     meta["checks"] = checks(rows)
-    table = format_table(rows, meta)
-    payload = {"meta": meta, "rows": rows,
-               "runs": {s: {k: v for k, v in r.items() if k != "results"} for s, r in runs.items()}}
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
-    return 0 if all(meta["checks"].values()) else 1
+    return write_results(out, meta, rows, runs, format_table(rows, meta))
 
 
 if __name__ == "__main__":

@@ -179,10 +179,20 @@ def main(argv: list[str] | None = None) -> int:
             runs[key] = run_method(method, args, out, precision)
             rows[key] = summarise(method, runs[key], precision)
     meta = {"model": args.model, "device": args.device, "block_size": args.block_size, "batch_size": args.batch_size,
-            "steps": args.steps, "allocator": "glibc defaults" if args.default_allocator else
-            "MALLOC_MMAP_THRESHOLD_=131072 (large allocations returned to the OS on free)"}
+            "steps": args.steps, "allocator": allocator_note(args)}
     meta["checks"] = checks(rows)
-    table = format_table(rows, meta)
+    return write_results(out, meta, rows, runs, format_table(rows, meta))
+
+
+def allocator_note(args: argparse.Namespace) -> str:
+    """How the training processes' allocator was set (the tables' footnote)."""
+    return "glibc defaults" if args.default_allocator else \
+        "MALLOC_MMAP_THRESHOLD_=131072 (large allocations returned to the OS on free)"
+
+
+def write_results(out: Path, meta: dict[str, Any], rows: dict[str, Any], runs: dict[str, Any], table: str) -> int:
+    """Write OUT/results.json (meta, rows, the runs without their full results) and OUT/results.md, print the
+    table, and return the exit code: 1 if a check failed."""
     payload = {"meta": meta, "rows": rows,
                "runs": {m: {k: v for k, v in r.items() if k != "results"} for m, r in runs.items()}}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")

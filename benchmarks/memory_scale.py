@@ -39,7 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from _common import random_llama_config, random_llama_dir_built_apart
-from memory_methods import METHODS, PRECISIONS, TOLERANCE, format_table, run_method, summarise
+from memory_methods import (
+    METHODS,
+    PRECISIONS,
+    TOLERANCE,
+    allocator_note,
+    format_table,
+    run_method,
+    summarise,
+    write_results,
+)
 
 #: TinyLlama-1.1B's shape (vocabulary aside, see the module docstring), and a tiny one for smoke tests.
 SCALES = {
@@ -146,18 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": f"random-init Llama ({params / 1e9:.2f} B parameters, {model_dir.name})",
             "model_dir": str(model_dir), "model_config": config, "seed": SEED, "device": args.device,
             "block_size": args.block_size, "batch_size": args.batch_size, "steps": args.steps,
-            "allocator": "glibc defaults" if args.default_allocator else
-            "MALLOC_MMAP_THRESHOLD_=131072 (large allocations returned to the OS on free)",
+            "allocator": allocator_note(args),
             "skipped": skipped, "checks": checks(rows)}
     table = format_table(rows, meta)
     if skipped:
         table += "\n\nSkipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    payload = {"meta": meta, "rows": rows,
-               "runs": {m: {k: v for k, v in r.items() if k != "results"} for m, r in runs.items()}}
-    (out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(table + "\n", encoding="utf-8")
-    print(table)
-    return 0 if all(meta["checks"].values()) else 1
+    return write_results(out, meta, rows, runs, table)
 
 
 if __name__ == "__main__":
