@@ -76,19 +76,6 @@ def shard_model(model: nn.Module, precision: Precision, device: torch.device) ->
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def local_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a collective), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
 def full_state_dict(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The unsharded state dict on rank 0's CPU (empty on the other ranks); a collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
