@@ -203,7 +203,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from peftlab.report import write_report
 
-    made = write_report(args.sweep_dir, args.output_dir)
+    made = write_report(args.sweep_dir, args.output_dir, args.readme)
     print("\n".join(f"{what}: {path}" for what, path in made.summary_lines()))
     return 0
 
@@ -218,6 +218,9 @@ def _add_study_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="tables, plots and an HTML report from a sweep's store")
     report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --output-dir of `peftlab sweep`")
     report.add_argument("--output-dir", help="where to write the report (default: SWEEP_DIR/report)")
+    report.add_argument("--readme", metavar="README.md",
+                        help="also write the tables and findings into this file, between its "
+                             "'<!-- study:start -->' and '<!-- study:end -->' lines")
     report.set_defaults(func=cmd_report)
 
 

@@ -102,6 +102,8 @@ class Method:
     starts_as_base: ClassVar[bool] = False
     #: FSDP2 sharding is built and tested for this method (full and the LoRA family); the others refuse it.
     shards_with_fsdp: ClassVar[bool] = False
+    #: Every weight of the model is trained (full fine-tuning): the report measures the other rows' gains against it.
+    trains_every_weight: ClassVar[bool] = False
 
     # --- traits ----------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class Full(Method):
     is_peft = False
     starts_as_base = True
     shards_with_fsdp = True
+    trains_every_weight = True
     unsupported = {"merge": "trains every weight, so there is no adapter to merge; use its model/ folder as is",
                    "quantized_base": "trains every weight, which a 4-bit base cannot hold; use --method qlora",
                    # AdamW updates of ~lr * 1e-3 vanish when added to bf16 weights (8 mantissa bits)

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.record import atomic_write_text
-from peftlab.report.markdown import markdown_table, render_markdown
+from peftlab.report.markdown import (
+    markdown_table,
+    readme_parts,
+    render_markdown,
+    render_readme_section,
+    write_readme_section,
+)
 from peftlab.report.tables import build_tables, read_sweep
 
 __all__ = ["ReportFiles", "build_tables", "markdown_table", "read_sweep", "write_report"]
@@ -25,19 +31,25 @@ class ReportFiles:
     html: Path
     tables: list[Path]
     plots: list[Path]
+    readme: Path | None = None
 
     def summary_lines(self) -> list[tuple[str, str]]:
         """(what, path) pairs for the CLI."""
         return ([("report", str(self.markdown)), ("html", str(self.html))]
                 + [("table", str(p)) for p in self.tables]
-                + [("plot", str(p)) for p in self.plots if p.suffix == ".png"])
+                + [("plot", str(p)) for p in self.plots if p.suffix == ".png"]
+                + ([("readme section", str(self.readme))] if self.readme else []))
 
 
-def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) -> ReportFiles:
-    """Write report.md, report.html, tables/<task>.md and plots/*.png|svg for a sweep folder."""
+def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
+                 readme: str | Path | None = None) -> ReportFiles:
+    """Write report.md, report.html, tables/<task>.md and plots/*.png|svg for a sweep folder; with ``readme``,
+    also replace that file's study section (between its marker lines) with the tables and findings."""
     from peftlab.report.html import render_html  # matplotlib and yaml only when a report is written
     from peftlab.report.plots import plot_table
 
+    if readme is not None:
+        readme_parts(Path(readme))  # a README without its marker lines fails before anything is written
     records = read_sweep(sweep_dir)
     out = Path(output_dir) if output_dir else records.folder / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -53,5 +65,8 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None) ->
     atomic_write_text(md, render_markdown(records, tables, plots, out))
     html_path = out / "report.html"
     atomic_write_text(html_path, render_html(records, tables, plots))
+    if readme is not None:
+        write_readme_section(Path(readme), render_readme_section(records, tables, plots, out, Path(readme)))
     return ReportFiles(out, md, html_path, table_files,
-                       [p for kinds in plots.values() for pair in kinds.values() for p in pair])
+                       [p for kinds in plots.values() for pair in kinds.values() for p in pair],
+                       Path(readme) if readme is not None else None)

@@ -61,6 +61,7 @@ class FinishedRun:
     record: RunRecord
     folder: Path
     wall_s: float | None
+    definition: dict[str, Any] | None = None  # the sweep's fields for this run (its calibration row)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -494,7 +495,7 @@ def read_sweep(folder: str | Path) -> SweepRecords:
         name, description = store.get_meta("name") or folder.name, store.get_meta("description") or ""
     finally:
         store.close()
-    finished = [FinishedRun(r.id, r.record(), folder / "runs" / r.id, r.wall_s)
+    finished = [FinishedRun(r.id, r.record(), folder / "runs" / r.id, r.wall_s, r.definition)
                 for r in rows if r.status == "done" and r.results]
     if not finished:
         state = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no runs"

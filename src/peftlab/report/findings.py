@@ -1,0 +1,249 @@
+"""What a report's tables say, in sentences computed from their numbers only.
+
+Per table and model: which rows move each interval-bearing metric beyond their own base model's 95% interval, how
+much of full fine-tuning's gain each adapter row recovers, the rows ordered by memory, time per epoch relative to
+full fine-tuning, and which differences from the reference row are significant. For the sweep: its machine time
+against the calibrated estimate (``calibration.json``), which is what ``peftlab sweep --dry-run`` showed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from peftlab.report.tables import Column, ConfigGroup, FinishedRun, TaskTable, baseline_interval, number
+from peftlab.stats import Interval
+from peftlab.summary import method_of, metric_spec, quantizes_base
+from peftlab.sweep.runner import read_calibration, row_key
+
+
+@dataclass(frozen=True)
+class BaseCheck:
+    """A row against its own base (the 4-bit base for methods that quantize it) on one metric."""
+
+    group: ConfigGroup
+    value: float
+    base: Interval
+    beyond: bool  # the row's mean lies past the base's interval, on the better side
+
+
+def _label(group: ConfigGroup, table: TaskTable) -> str:
+    return group.label(table.several_models)
+
+
+def _trains_every_weight(group: ConfigGroup) -> bool:
+    method = method_of(group.first)
+    return bool(method is not None and method.trains_every_weight)
+
+
+def _models(table: TaskTable) -> list[list[ConfigGroup]]:
+    names = sorted({str(g.first.model.name) for g in table.groups})
+    return [[g for g in table.groups if str(g.first.model.name) == name] for name in names]
+
+
+def _base_intervals(groups: list[ConfigGroup], key: str) -> dict[bool, Interval]:
+    """quantized? -> the base's CI of metric ``key`` (per-example values required)."""
+    out = {}
+    for quantized in (False, True):
+        members = [r for g in groups for r in g.runs if quantizes_base(r.record) == quantized]
+        if members:
+            found = baseline_interval(members, metric_spec(members[0].record, key))
+            if found is not None:
+                out[quantized] = found[0]
+    return out
+
+
+def interval_metrics(table: TaskTable) -> list[Column]:
+    """The table's metric columns whose value can be bootstrapped, the headline first."""
+    first = table.groups[0].first
+    cols = [c for c in table.columns if metric_spec(first, c.key).statistic is not None]
+    return sorted(cols, key=lambda c: c.key != table.metric)
+
+
+def base_checks(table: TaskTable, column: Column) -> list[BaseCheck]:
+    """Every row with a base interval for ``column``: is its mean beyond that interval, on the better side?"""
+    checks = []
+    for groups in _models(table):
+        bases = _base_intervals(groups, column.key)
+        for group in groups:
+            mean = group.mean_std(column)[0]
+            base = bases.get(quantizes_base(group.first))
+            if mean is None or base is None:
+                continue
+            beyond = mean > base.hi if column.higher_is_better else mean < base.lo
+            checks.append(BaseCheck(group, mean, base, beyond))
+    return checks
+
+
+def _interval(ci: Interval) -> str:
+    return f"[{number(ci.lo)}, {number(ci.hi)}]"
+
+
+def base_sentence(table: TaskTable, column: Column) -> str | None:
+    checks = base_checks(table, column)
+    if not checks:
+        return None
+    missed = [c for c in checks if not c.beyond]
+    better = "above" if column.higher_is_better else "below"
+    if not missed:
+        return (f"{column.label}: every row ends {better} its base model's 95% interval "
+                f"({'; '.join(_base_text(table, c) for c in _first_per_base(checks))}).")
+    named = "; ".join(f"{_label(c.group, table)} {number(c.value)} against its base's {_interval(c.base)}"
+                      for c in missed)
+    passed = [_label(c.group, table) for c in checks if c.beyond]
+    return (f"{column.label}: not beyond the base's 95% interval: {named}."
+            + (f" Beyond it: {', '.join(passed)}." if passed else ""))
+
+
+def _first_per_base(checks: list[BaseCheck]) -> list[BaseCheck]:
+    seen, out = set(), []
+    for c in checks:
+        key = (str(c.group.first.model.name), quantizes_base(c.group.first))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _base_text(table: TaskTable, check: BaseCheck) -> str:
+    kind = "4-bit base" if quantizes_base(check.group.first) else "base"
+    model = f" {check.group.first.model.name}" if table.several_models else ""
+    return f"{kind}{model} {number(check.base.estimate)} {_interval(check.base)}"
+
+
+def gain_sentence(table: TaskTable) -> str | None:
+    """Each row's gain over its own base as a share of full fine-tuning's gain over the base."""
+    column = table.metric_column
+    parts = []
+    for groups in _models(table):
+        full = next((g for g in groups if _trains_every_weight(g)), None)
+        before = {}  # id(group) -> the mean 'before' value of its runs (its own base's)
+        for group in groups:
+            vals = [v for r in group.runs for v in [r.record.metric(table.metric, "before")] if v is not None]
+            if vals:
+                before[id(group)] = statistics.fmean(vals)
+        if full is None or id(full) not in before:
+            continue
+        full_mean = full.mean_std(column)[0]
+        full_gain = None if full_mean is None else full_mean - before[id(full)]
+        if not full_gain:
+            continue
+        shares = []
+        for group in groups:
+            mean = group.mean_std(column)[0]
+            if group is full or mean is None or id(group) not in before:
+                continue
+            own = " (from its 4-bit base)" if quantizes_base(group.first) else ""
+            shares.append(f"{_label(group, table)} {round(100 * (mean - before[id(group)]) / full_gain)}%{own}")
+        if shares:
+            parts.append(f"{_label(full, table)} moves {column.label} {number(before[id(full)])} → "
+                         f"{number(full_mean)}; the share of that gain each row reaches: {', '.join(shares)}")
+    return ("; ".join(parts) + ".") if parts else None
+
+
+def _ordered(table: TaskTable, key: str, reverse: bool = False) -> list[tuple[float, ConfigGroup]]:
+    column = next((c for c in table.columns if c.key == key), None)
+    if column is None:
+        return []
+    pairs = [(m, g) for g in table.groups for m in [g.mean_std(column)[0]] if m is not None]
+    return sorted(pairs, key=lambda mg: mg[0], reverse=reverse)
+
+
+def memory_sentence(table: TaskTable) -> str | None:
+    pairs = _ordered(table, "memory_gb")
+    if len(pairs) < 2:
+        return None
+    return ("Memory (GB), lowest first: " + ", ".join(f"{_label(g, table)} {m:.2f}" for m, g in pairs) + ".")
+
+
+def time_sentence(table: TaskTable) -> str | None:
+    pairs = _ordered(table, "time_per_epoch_min")
+    fulls = [(m, g) for m, g in pairs if _trains_every_weight(g)]
+    if not fulls or len(pairs) < 2:
+        return None
+    parts = []
+    for full_min, full in fulls:
+        model = full.first.model.name
+        rows = [f"{_label(g, table)} {m / full_min:.2f}x" for m, g in pairs
+                if g is not full and g.first.model.name == model]
+        if rows:
+            parts.append(f"{_label(full, table)} {full_min:.2f} min; " + ", ".join(rows))
+    return ("Time per epoch relative to full fine-tuning: " + "; ".join(parts) + ".") if parts else None
+
+
+def difference_sentence(table: TaskTable) -> str | None:
+    ref = table.reference_label
+    rows = [g for g in table.groups if g.stats.diff is not None]
+    if ref is None or not rows:
+        return None
+    fmt = table.metric_column.digits
+    significant = [f"{_label(g, table)} {fmt(g.stats.diff.estimate)}" for g in rows if g.stats.diff.excludes_zero]
+    within = [f"{_label(g, table)} {fmt(g.stats.diff.estimate)}" for g in rows if not g.stats.diff.excludes_zero]
+    text = f"{table.metric_column.label} against {ref} (paired 95% interval excludes zero): "
+    text += ", ".join(significant) if significant else "none"
+    return text + (f"; within noise: {', '.join(within)}." if within else ".")
+
+
+def table_findings(table: TaskTable) -> list[str]:
+    """The sentences for one table (none that its numbers cannot support)."""
+    sentences = [base_sentence(table, c) for c in interval_metrics(table)]
+    sentences += [gain_sentence(table), difference_sentence(table), memory_sentence(table), time_sentence(table)]
+    return [s for s in sentences if s]
+
+
+# --- the sweep's machine time ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MachineTime:
+    """The finished runs' summed wall time and, for those with a calibrated row, the estimate beside it."""
+
+    runs: int
+    seconds: float
+    calibrated_runs: int
+    calibrated_seconds: float  # the calibration's estimate for the calibrated runs
+    measured_of_calibrated: float  # their measured seconds
+
+    @property
+    def ratio(self) -> float | None:
+        return self.measured_of_calibrated / self.calibrated_seconds if self.calibrated_seconds else None
+
+
+def machine_time(runs: list[FinishedRun], folder) -> MachineTime | None:
+    timed = [r for r in runs if r.wall_s is not None]
+    if not timed:
+        return None
+    calibration = read_calibration(folder)
+    matched = [(r.wall_s, calibration[row_key(r.definition)]) for r in timed
+               if r.definition is not None and row_key(r.definition) in calibration]
+    return MachineTime(len(timed), sum(r.wall_s for r in timed), len(matched), sum(e for _, e in matched),
+                       sum(w for w, _ in matched))
+
+
+def machine_time_sentence(mt: MachineTime | None, total_runs: int) -> str | None:
+    if mt is None:
+        return None
+    text = (f"Machine time: the {mt.runs} finished runs (of {total_runs}) took {mt.seconds / 3600:.2f} h, the sum "
+            "of their wall-clock times, shared baseline evaluations included.")
+    if mt.ratio is not None:
+        text += (f" For the {mt.calibrated_runs} of them with a calibrated row, `peftlab sweep --dry-run` estimated "
+                 f"{mt.calibrated_seconds / 3600:.2f} h from calibration.json and they took "
+                 f"{mt.measured_of_calibrated / 3600:.2f} h: measured / estimate = {mt.ratio:.2f}.")
+    return text
+
+
+def machine_sentence(runs: list[FinishedRun]) -> str | None:
+    """Where the runs were measured: CPU (or GPU), cores, bf16 capability and the precision that ``auto`` chose."""
+    seen: dict[str, None] = {}
+    for run in runs:
+        m, model = run.record.machine, run.record.model
+        where = m.get("cuda_device") or m.get("cpu") or m.get("processor")
+        if not where:
+            continue
+        parts = [str(where)]
+        if not m.get("cuda_device"):
+            parts.append(f"{m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads")
+            parts.append(f"native bf16: {m.get('cpu_native_bf16') or 'none'}")
+        if model.precision:
+            parts.append(f"precision {model.precision}" + (f" ({model.precision_reason})"
+                                                          if model.precision_reason else ""))
+        seen[", ".join(parts)] = None
+    return ("Measured on: " + "; ".join(seen) + ".") if seen else None

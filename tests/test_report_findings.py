@@ -1,0 +1,108 @@
+"""What the report says in words (``peftlab.report.findings``), its machine-time line, and ``--readme``: on hand-made
+stores whose numbers give the expected sentences by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_report import clm_values, make_results, make_store, write_values
+
+from peftlab.cli import main
+from peftlab.report import build_tables, read_sweep, write_report
+from peftlab.report.findings import base_checks, machine_time, table_findings
+from peftlab.report.markdown import README_END, README_START
+from peftlab.report.tables import number
+from peftlab.stats import bootstrap_ci, exp_ratio_of
+from peftlab.sweep.runner import CALIBRATION_FILE
+
+RNG = np.random.default_rng(0)
+BASE = RNG.uniform(20, 40, 64)  # NLL of 64 blocks of 10 tokens
+
+
+def ppl(values) -> float:
+    return float(np.exp(np.sum(values) / (10 * len(values))))
+
+
+@pytest.fixture
+def clm_sweep(tmp_path):
+    """Full halves the NLL, LoRA (8, 16) takes 0.6 of it, LoRA (4, 8) leaves it as the base had it."""
+    values = {"full": BASE * 0.5, "lora-r8": BASE * 0.6, "lora-r4": BASE * 1.0}
+    shapes = {"full": ("full", 8, 16, 120.0, 4.0), "lora-r8": ("lora", 8, 16, 60.0, 2.0),
+              "lora-r4": ("lora", 4, 8, 30.0, 1.5)}
+    runs = []
+    for rid, (method, r, alpha, epoch_s, memory) in shapes.items():
+        runs.append((rid, make_results(rid, task="clm", method=method, seed=1, r=r, alpha=alpha, epoch_s=epoch_s,
+                                       memory=memory, after={"perplexity": ppl(values[rid])},
+                                       before={"perplexity": ppl(BASE), "baseline_key": "k1"})))
+    folder = make_store(tmp_path / "sweep", runs)
+    for rid, v in values.items():
+        write_values(folder, rid, clm_values(list(v)), clm_values(list(BASE)))
+    return folder
+
+
+def test_each_row_against_its_base_interval(clm_sweep):
+    (table,) = build_tables(read_sweep(clm_sweep).finished)
+    checks = {c.group.runs[0].id: c for c in base_checks(table, table.metric_column)}
+    base = bootstrap_ci(exp_ratio_of(BASE, [10] * 64), 64)
+    assert checks["full"].base == base
+    assert checks["full"].beyond and checks["lora-r8"].beyond
+    assert not checks["lora-r4"].beyond  # unchanged: inside its base's interval
+    said = table_findings(table)[0]
+    assert said.startswith("Perplexity: not beyond the base's 95% interval: LoRA (4, 8) ")
+    assert f"against its base's [{number(base.lo)}, {number(base.hi)}]" in said
+    assert said.endswith("Beyond it: Full, LoRA (8, 16).")
+
+
+def test_shares_of_full_gain_memory_order_and_time(clm_sweep):
+    (table,) = build_tables(read_sweep(clm_sweep).finished)
+    said = table_findings(table)
+    base, full, lora = ppl(BASE), ppl(BASE * 0.5), ppl(BASE * 0.6)
+    share = 100 * (lora - base) / (full - base)
+    assert (f"Full moves Perplexity {number(base)} → {number(full)}; the share of that gain each row reaches: "
+            f"LoRA (4, 8) 0%, LoRA (8, 16) {round(share)}%.") in said
+    assert "Memory (GB), lowest first: LoRA (4, 8) 1.50, LoRA (8, 16) 2.00, Full 4.00." in said
+    assert "Time per epoch relative to full fine-tuning: Full 2.00 min; LoRA (4, 8) 0.25x, LoRA (8, 16) 0.50x." \
+        in said
+    significant = next(s for s in said if s.startswith("Perplexity against LoRA (8, 16)"))
+    assert "Full" in significant.split(";")[0] and "LoRA (4, 8)" in significant.split(";")[0]
+
+
+def test_machine_time_against_the_calibration(clm_sweep):
+    records = read_sweep(clm_sweep)
+    full = next(r for r in records.finished if r.id == "full")  # the store's definition: its sweep fields
+    rows = [{"fields": {**full.definition, "seed": 7}, "seconds": 5.0}]  # seeds share a row
+    (clm_sweep / CALIBRATION_FILE).write_text(json.dumps({"rows": rows}))
+    mt = machine_time(records.finished, clm_sweep)
+    assert (mt.runs, mt.seconds) == (3, 30.0)  # make_store marks every run done after 10 s
+    assert (mt.calibrated_runs, mt.calibrated_seconds, mt.measured_of_calibrated) == (1, 5.0, 10.0)
+    assert mt.ratio == 2.0
+    text = write_report(clm_sweep, clm_sweep / "report").markdown.read_text()
+    assert "Machine time: the 3 finished runs (of 3) took 0.01 h" in text
+    assert "measured / estimate = 2.00." in text
+
+
+def test_readme_section_replaced_between_its_markers(clm_sweep, tmp_path):
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"# Title\n\nbefore\n\n{README_START}\nold numbers\n{README_END}\n\nafter\n")
+    assert main(["report", str(clm_sweep), "--output-dir", str(tmp_path / "out"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n" + README_START) and text.endswith(README_END + "\n\nafter\n")
+    assert "old numbers" not in text and "| smollm2-135m | Full |" in text
+    assert "![clm on wikitext-2-raw-v1: speed](../out/plots/clm-wikitext-2-raw-v1-speed.png)" in text
+    assert "What the numbers say:" in text
+    again = readme.read_text()
+    assert main(["report", str(clm_sweep), "--output-dir", str(tmp_path / "out"), "--readme", str(readme)]) == 0
+    assert readme.read_text() == again  # regenerating gives the same file
+
+
+def test_readme_without_markers_is_a_one_line_error(clm_sweep, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    assert main(["report", str(clm_sweep), "--output-dir", str(tmp_path / "out"), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--readme" in err and README_START in err
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert readme.read_text() == "# no markers\n"
