@@ -29,8 +29,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_instruction.py --out runs/bench/instruction
 
 study: setup
-	$(BIN)/peftlab sweep configs/cpu.yaml --output-dir sweeps/cpu
-	$(BIN)/peftlab report sweeps/cpu
+	$(BIN)/peftlab sweep configs/study.yaml --output-dir sweeps/study
+	$(BIN)/peftlab report sweeps/study --output-dir docs/results/study --readme README.md
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
