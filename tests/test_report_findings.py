@@ -106,3 +106,17 @@ def test_readme_without_markers_is_a_one_line_error(clm_sweep, tmp_path, capsys)
     assert len(err.splitlines()) == 1 and "--readme" in err and README_START in err
     assert not (tmp_path / "out").exists()  # nothing written
     assert readme.read_text() == "# no markers\n"
+
+
+def test_report_writes_each_runs_config_that_train_loads_back(tmp_path):
+    from peftlab.configure import load_config
+
+    resolved = load_config(None, {"model": "smollm2-135m", "method": "lora", "r": 16, "alpha": 32, "seed": 3,
+                                  "train_subset": 64}).model_dump(mode="json")
+    res = make_results("x", task="clm", method="lora", seed=3, r=16, alpha=32, after={"perplexity": 9.0})
+    res["config"] = resolved
+    folder = make_store(tmp_path / "sweep", [("clm-lora-r16-a32-seed3", res)])
+    made = write_report(folder, tmp_path / "out")
+    (path,) = made.configs
+    assert path == tmp_path / "out" / "configs" / "clm-lora-r16-a32-seed3.yaml"
+    assert load_config(str(path), {}).model_dump(mode="json") == resolved

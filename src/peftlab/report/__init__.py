@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftlab.record import atomic_write_text
@@ -31,6 +31,7 @@ class ReportFiles:
     html: Path
     tables: list[Path]
     plots: list[Path]
+    configs: list[Path] = field(default_factory=list)
     readme: Path | None = None
 
     def summary_lines(self) -> list[tuple[str, str]]:
@@ -38,6 +39,7 @@ class ReportFiles:
         return ([("report", str(self.markdown)), ("html", str(self.html))]
                 + [("table", str(p)) for p in self.tables]
                 + [("plot", str(p)) for p in self.plots if p.suffix == ".png"]
+                + ([("run configs", f"{self.configs[0].parent} ({len(self.configs)})")] if self.configs else [])
                 + ([("readme section", str(self.readme))] if self.readme else []))
 
 
@@ -65,8 +67,24 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
     atomic_write_text(md, render_markdown(records, tables, plots, out))
     html_path = out / "report.html"
     atomic_write_text(html_path, render_html(records, tables, plots))
+    configs = write_run_configs(records, out / "configs")
     if readme is not None:
         write_readme_section(Path(readme), render_readme_section(records, tables, plots, out, Path(readme)))
     return ReportFiles(out, md, html_path, table_files,
-                       [p for kinds in plots.values() for pair in kinds.values() for p in pair],
+                       [p for kinds in plots.values() for pair in kinds.values() for p in pair], configs,
                        Path(readme) if readme is not None else None)
+
+
+def write_run_configs(records, folder: Path) -> list[Path]:
+    """Each finished run's resolved config (as its results.json recorded it) as ``folder/<run id>.yaml``: what
+    ``peftlab train --config`` reruns."""
+    import yaml
+
+    paths = []
+    for run in records.finished:
+        path = folder / f"{run.id}.yaml"
+        atomic_write_text(path, f"# run {run.id} of sweep {records.name}: its resolved config, as results.json "
+                                f"recorded it\n# rerun: peftlab train --config {path.name}\n"
+                          + yaml.safe_dump(run.config, sort_keys=False))
+        paths.append(path)
+    return paths
