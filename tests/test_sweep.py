@@ -232,6 +232,31 @@ def test_dry_run_uses_the_calibration_until_a_similar_run_has_finished(tmp_path)
         preview_sweep(tmp_path / "a.yaml", out)
 
 
+def test_a_calibration_shipped_with_the_sweep_file(tmp_path):
+    from peftlab.sweep.runner import adopt_calibration
+
+    sweep = {"base": TINY_BASE, "grid": {"r": [1, 2]}, "calibration": "cal/study.json"}
+    (tmp_path / "cal").mkdir()
+    spec = load_sweep(write_sweep(tmp_path / "cal" / "missing.yaml", {"base": TINY_BASE, "grid": {"r": [1, 2]}}))
+    rows = [{"fields": run.fields, "seconds": 30.0 * run.fields["r"]} for run in spec.runs]
+    (tmp_path / "cal" / "study.json").write_text(json.dumps({"rows": rows}))
+    spec = load_sweep(write_sweep(tmp_path / "a.yaml", sweep))
+    assert spec.calibration == (tmp_path / "cal" / "study.json").resolve()
+    out = tmp_path / "out"
+    preview = preview_sweep(tmp_path / "a.yaml", out)  # the folder has none: the shipped one estimates
+    assert [(line.estimate_s, line.estimate_kind) for line in preview.lines] == [(30.0, "calibrated"),
+                                                                                (60.0, "calibrated")]
+    assert not out.exists()  # a dry run writes nothing
+    out.mkdir()
+    adopt_calibration(out, spec.calibration)  # what run_sweep does first: the folder records its estimates' source
+    assert json.loads((out / CALIBRATION_FILE).read_text()) == {"rows": rows}
+    (out / CALIBRATION_FILE).write_text(json.dumps({"rows": [{**rows[0], "seconds": 5.0}]}))
+    adopt_calibration(out, spec.calibration)  # the folder's own calibration is kept, and wins
+    assert [line.estimate_s for line in preview_sweep(tmp_path / "a.yaml", out).lines][0] == 5.0
+    with pytest.raises(UserError, match=r"calibration: 'nope.json' does not exist .*relative to the sweep file"):
+        load_sweep(write_sweep(tmp_path / "b.yaml", {**sweep, "calibration": "nope.json"}))
+
+
 def test_failure_message_prefers_failed_json_then_signal_then_error_line(tmp_path):
     tail = "loading\nTraceback (most recent call last):\nValueError: bad shape"
     assert failure_message(tmp_path, 1, tail) == "ValueError: bad shape"

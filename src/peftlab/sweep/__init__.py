@@ -3,6 +3,8 @@
 A sweep file::
 
     name: my-study                 # optional: shown in the report
+    calibration: my-study.json     # optional: measured run times per row (benchmarks/study_budget.py), used by
+                                   #   the estimates while the sweep folder has no calibration.json of its own
     base:                          # RunConfig fields shared by every run
       model: smollm2-135m
       train_subset: 64

@@ -21,7 +21,7 @@ import yaml
 from peftlab.baseline import CACHE_ENV as BASELINE_CACHE_ENV
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
-from peftlab.record import FAILED_FILE, RESULTS_FILE, FailedRecord, RunRecord
+from peftlab.record import FAILED_FILE, RESULTS_FILE, FailedRecord, RunRecord, atomic_write_text
 from peftlab.sweep.spec import SweepRun, SweepSpec, load_sweep
 from peftlab.sweep.store import SweepStore, now_iso
 
@@ -95,17 +95,29 @@ def row_key(fields: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in fields.items() if k != "seed"}, sort_keys=True, default=str)
 
 
-def read_calibration(out: Path) -> dict[str, float]:
-    """Row key -> projected seconds from ``out/calibration.json`` (empty when absent)."""
+def read_calibration(out: Path, shipped: Path | None = None) -> dict[str, float]:
+    """Row key -> projected seconds from ``out/calibration.json``, else from ``shipped`` (the sweep file's
+    ``calibration:``); empty when there is neither."""
     path = Path(out) / CALIBRATION_FILE
     if not path.is_file():
-        return {}
+        if shipped is None:
+            return {}
+        path = Path(shipped)
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
         return {row_key(r["fields"]): float(r["seconds"]) for r in rows}
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a calibration file ({exc}); delete it or rerun "
                         "benchmarks/study_budget.py") from None
+
+
+def adopt_calibration(out: Path, shipped: Path | None) -> None:
+    """Copy the sweep file's calibration into the sweep folder when it has none, so that the folder records what
+    its estimates came from (the report compares them with the measured times)."""
+    target = Path(out) / CALIBRATION_FILE
+    if shipped is not None and not target.exists():
+        read_calibration(out, shipped)  # a malformed file fails here, before it is adopted
+        atomic_write_text(target, Path(shipped).read_text(encoding="utf-8"))
 
 
 def estimate_seconds(cfg: RunConfig, finished: list[tuple[dict[str, Any], float, str]],
@@ -192,7 +204,7 @@ def preview_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: 
         if not sweep_is_running(out):  # a row left 'running' by a sweep that was killed
             status = {k: "interrupted" if v == "running" else v for k, v in status.items()}
         finished = _finished_times(store)
-        calibration = read_calibration(out)
+        calibration = read_calibration(out, spec.calibration)
         lines = []
         for run in spec.runs:
             st = status.get(run.id, "new")
@@ -335,8 +347,6 @@ def _adoptable(rdir: Path, run: SweepRun) -> RunRecord | None:
 
 
 def _write_run_config(out: Path, run: SweepRun) -> Path:
-    from peftlab.record import atomic_write_text
-
     path = out / "configs" / f"{run.id}.yaml"
     data = {**run.fields, "output_dir": str(run_dir(out, run.id)), "overwrite": True}
     data.setdefault("tracking_project", out.name)  # --- ecosystem: a sweep's runs share one tracker project
@@ -408,6 +418,7 @@ def run_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool
                             "sweep_file": str(spec.path.resolve()), "updated": now_iso()})
             store.add_runs([(r.id, r.fields) for r in spec.runs])
             store.requeue_interrupted()
+            adopt_calibration(out, spec.calibration)
             return _run_pending(out, spec, store, retry_failed, notify)
         finally:
             store.close()
@@ -425,7 +436,7 @@ def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bo
         counts = store.counts()
         pending = [r for r in todo if store.row(r.id).status in ("queued", "running")]
         finished = _finished_times(store)
-        calibration = read_calibration(out)
+        calibration = read_calibration(out, spec.calibration)
         estimates = [estimate_seconds(r.config, finished, calibration.get(row_key(r.fields)), row_key(r.fields))[0]
                      for r in pending]
         eta = None if any(e is None for e in estimates) else sum(estimates)  # type: ignore[arg-type]

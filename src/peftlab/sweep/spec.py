@@ -16,7 +16,7 @@ from peftlab.configure import build_config, config_field_names, suggest_field
 from peftlab.errors import UserError
 
 SWEEP_OWNED_FIELDS = ("output_dir", "overwrite", "resume")
-TOP_KEYS = ("name", "description", "base", "grid", "grids")
+TOP_KEYS = ("name", "description", "calibration", "base", "grid", "grids")
 PART_KEYS = ("id", "base", "grid")
 #: Short prefixes for numeric values in run ids (r8, a16, seed1); other fields use their own name.
 ID_PREFIX = {"alpha": "a", "epochs": "ep", "max_steps": "steps", "train_subset": "n", "batch_size": "bs",
@@ -44,6 +44,9 @@ class SweepSpec:
     description: str
     runs: list[SweepRun]
     fingerprint: str
+    #: A calibration file shipped with the sweep (``calibration:``, relative to the sweep file), used while the
+    #: sweep folder has no calibration.json of its own.
+    calibration: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -221,4 +224,17 @@ def load_sweep(path: str | Path) -> SweepSpec:
         dumped = cfg.model_dump(mode="json")
         runs.append(SweepRun(run_id, {k: dumped[k] for k in fields}, cfg))
     return SweepSpec(path, str(data.get("name") or path.stem), str(data.get("description") or ""), runs,
-                     fingerprint(runs))
+                     fingerprint(runs), _calibration_path(data.get("calibration"), path))
+
+
+def _calibration_path(value: Any, sweep_file: Path) -> Path | None:
+    """The ``calibration:`` file, resolved against the sweep file's folder; it must exist."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{sweep_file}: calibration: must be a path to a calibration.json, got {value!r}")
+    found = (sweep_file.parent / value).resolve()
+    if not found.is_file():
+        raise UserError(f"{sweep_file}: calibration: {value!r} does not exist (looked for {found}); fix the path "
+                        "(relative to the sweep file) or remove the key")
+    return found
