@@ -108,7 +108,7 @@ def test_readme_without_markers_is_a_one_line_error(clm_sweep, tmp_path, capsys)
     assert readme.read_text() == "# no markers\n"
 
 
-def test_report_writes_each_runs_config_that_train_loads_back(tmp_path):
+def test_report_keeps_each_runs_config_and_records(tmp_path):
     from peftlab.configure import load_config
 
     resolved = load_config(None, {"model": "smollm2-135m", "method": "lora", "r": 16, "alpha": 32, "seed": 3,
@@ -120,3 +120,9 @@ def test_report_writes_each_runs_config_that_train_loads_back(tmp_path):
     (path,) = made.configs
     assert path == tmp_path / "out" / "configs" / "clm-lora-r16-a32-seed3.yaml"
     assert load_config(str(path), {}).model_dump(mode="json") == resolved
+    kept = tmp_path / "out" / "records"
+    assert json.loads((kept / "clm-lora-r16-a32-seed3" / "results.json").read_text())["config"] == resolved
+    assert (kept / "clm-lora-r16-a32-seed3" / "metrics.jsonl").read_text() == (
+        folder / "runs" / "clm-lora-r16-a32-seed3" / "metrics.jsonl").read_text()
+    index = json.loads((kept / "index.json").read_text())
+    assert index["runs"] == [{"id": "clm-lora-r16-a32-seed3", "wall_s": 10.0, "definition": res["config"]}]

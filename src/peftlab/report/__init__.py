@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.record import atomic_write_text
+from peftlab.record import EXAMPLES_FILE, METRICS_FILE, RESULTS_FILE, atomic_write_text, write_json
 from peftlab.report.markdown import (
     markdown_table,
     readme_parts,
@@ -68,6 +68,7 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
     html_path = out / "report.html"
     atomic_write_text(html_path, render_html(records, tables, plots))
     configs = write_run_configs(records, out / "configs")
+    write_run_records(records, out / "records")
     if readme is not None:
         write_readme_section(Path(readme), render_readme_section(records, tables, plots, out, Path(readme)))
     return ReportFiles(out, md, html_path, table_files,
@@ -88,3 +89,23 @@ def write_run_configs(records, folder: Path) -> list[Path]:
                           + yaml.safe_dump(run.config, sort_keys=False))
         paths.append(path)
     return paths
+
+
+#: The small files of a run that the report keeps besides its results (the weights stay in the sweep folder).
+RECORD_FILES = (METRICS_FILE, EXAMPLES_FILE)
+
+
+def write_run_records(records, folder: Path) -> None:
+    """Keep each finished run's record files (results, loss curve, per-example values) and an index of the runs'
+    status and wall time, so that a committed report holds the results even if the sweep folder is lost: copied
+    back into ``DIR/runs/<id>/``, a rerun of the sweep adopts them as done."""
+    index = []
+    for run in records.finished:
+        write_json(folder / run.id / RESULTS_FILE, run.record.to_dict())  # as the store holds it
+        for name in RECORD_FILES:
+            src = run.folder / name
+            if src.is_file():
+                atomic_write_text(folder / run.id / name, src.read_text(encoding="utf-8"))
+        index.append({"id": run.id, "wall_s": run.wall_s, "definition": run.definition})
+    write_json(folder / "index.json", {"sweep": records.name, "runs": index})
+
