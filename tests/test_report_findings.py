@@ -126,3 +126,18 @@ def test_report_keeps_each_runs_config_and_records(tmp_path):
         folder / "runs" / "clm-lora-r16-a32-seed3" / "metrics.jsonl").read_text()
     index = json.loads((kept / "index.json").read_text())
     assert index["runs"] == [{"id": "clm-lora-r16-a32-seed3", "wall_s": 10.0, "definition": res["config"]}]
+
+
+def test_relations_across_tables(clm_sweep):
+    from peftlab.report.findings import relations
+
+    tables = build_tables(read_sweep(clm_sweep).finished)
+    base, full, lora = ppl(BASE), ppl(BASE * 0.5), ppl(BASE * 0.6)
+    memory, shares = relations(tables)
+    assert memory == ("Memory (GB) by training type, lowest first (rows of one type averaged): clm on "
+                      "wikitext-2-raw-v1 (smollm2-135m): LoRA 1.75 < Full 4.00.")
+    assert shares == ("Share of full fine-tuning's gain over the base, by row: LoRA (4, 8): clm on wikitext-2-raw-v1 "
+                      f"(smollm2-135m) 0%; LoRA (8, 16): clm on wikitext-2-raw-v1 (smollm2-135m) "
+                      f"{round(100 * (lora - base) / (full - base))}%.")
+    text = write_report(clm_sweep, clm_sweep / "report").markdown.read_text()
+    assert "## Across the tables" in text and memory in text

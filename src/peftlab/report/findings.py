@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from peftlab.report.tables import Column, ConfigGroup, FinishedRun, TaskTable, baseline_interval, number
 from peftlab.stats import Interval
-from peftlab.summary import method_of, metric_spec, quantizes_base
+from peftlab.summary import method_of, metric_spec, quantizes_base, training_type
 from peftlab.sweep.runner import read_calibration, row_key
 
 
@@ -111,10 +111,21 @@ def _base_text(table: TaskTable, check: BaseCheck) -> str:
     return f"{kind}{model} {number(check.base.estimate)} {_interval(check.base)}"
 
 
-def gain_sentence(table: TaskTable) -> str | None:
-    """Each row's gain over its own base as a share of full fine-tuning's gain over the base."""
+@dataclass(frozen=True)
+class GainShares:
+    """Full fine-tuning's gain over the base on one model, and each other row's gain over its own base as a share
+    of it."""
+
+    full: ConfigGroup
+    base: float
+    full_value: float
+    shares: list[tuple[ConfigGroup, float]]
+
+
+def gain_shares(table: TaskTable) -> list[GainShares]:
+    """Per model with a full fine-tuning row: each row's share of its gain (headline metric, seed means)."""
     column = table.metric_column
-    parts = []
+    found = []
     for groups in _models(table):
         full = next((g for g in groups if _trains_every_weight(g)), None)
         before = {}  # id(group) -> the mean 'before' value of its runs (its own base's)
@@ -128,17 +139,57 @@ def gain_sentence(table: TaskTable) -> str | None:
         full_gain = None if full_mean is None else full_mean - before[id(full)]
         if not full_gain:
             continue
-        shares = []
-        for group in groups:
-            mean = group.mean_std(column)[0]
-            if group is full or mean is None or id(group) not in before:
-                continue
-            own = " (from its 4-bit base)" if quantizes_base(group.first) else ""
-            shares.append(f"{_label(group, table)} {round(100 * (mean - before[id(group)]) / full_gain)}%{own}")
+        shares = [(g, (m - before[id(g)]) / full_gain) for g in groups for m in [g.mean_std(column)[0]]
+                  if g is not full and m is not None and id(g) in before]
+        found.append(GainShares(full, before[id(full)], full_mean, shares))
+    return found
+
+
+def gain_sentence(table: TaskTable) -> str | None:
+    """Each row's gain over its own base as a share of full fine-tuning's gain over the base."""
+    parts = []
+    for found in gain_shares(table):
+        shares = [f"{_label(g, table)} {round(100 * share)}%" + (" (from its 4-bit base)" if quantizes_base(g.first)
+                                                                else "") for g, share in found.shares]
         if shares:
-            parts.append(f"{_label(full, table)} moves {column.label} {number(before[id(full)])} → "
-                         f"{number(full_mean)}; the share of that gain each row reaches: {', '.join(shares)}")
+            parts.append(f"{_label(found.full, table)} moves {table.metric_column.label} {number(found.base)} → "
+                         f"{number(found.full_value)}; the share of that gain each row reaches: {', '.join(shares)}")
     return ("; ".join(parts) + ".") if parts else None
+
+
+def _where(table: TaskTable, groups: list[ConfigGroup]) -> str:
+    return f"{table.task} on {table.dataset} ({groups[0].first.model.name})"
+
+
+def relations(tables: list[TaskTable]) -> list[str]:
+    """What holds across the tables: memory by training type, and each row's share of full fine-tuning's gain."""
+    memory = []
+    for table in tables:
+        column = next((c for c in table.columns if c.key == "memory_gb"), None)
+        for groups in _models(table) if column is not None else []:
+            by_type: dict[str, list[float]] = {}
+            for g in groups:
+                mean = g.mean_std(column)[0]
+                if mean is not None:
+                    by_type.setdefault(training_type(g.first), []).append(mean)
+            if len(by_type) > 1:
+                order = sorted(by_type.items(), key=lambda kv: statistics.fmean(kv[1]))
+                memory.append(f"{_where(table, groups)}: " + " < ".join(f"{t} {statistics.fmean(v):.2f}"
+                                                                       for t, v in order))
+    shares: dict[str, list[str]] = {}
+    for table in tables:
+        for found in gain_shares(table):
+            for g, share in found.shares:
+                shares.setdefault(g.label(False), []).append(f"{table.task} on {table.dataset} "
+                                                              f"({g.first.model.name}) {round(100 * share)}%")
+    lines = []
+    if memory:
+        lines.append("Memory (GB) by training type, lowest first (rows of one type averaged): " + "; ".join(memory)
+                     + ".")
+    if shares:
+        lines.append("Share of full fine-tuning's gain over the base, by row: "
+                     + "; ".join(f"{label}: {', '.join(where)}" for label, where in shares.items()) + ".")
+    return lines
 
 
 def _ordered(table: TaskTable, key: str, reverse: bool = False) -> list[tuple[float, ConfigGroup]]:

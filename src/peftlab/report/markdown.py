@@ -7,7 +7,13 @@ from pathlib import Path
 
 from peftlab.errors import UserError
 from peftlab.record import atomic_write_text
-from peftlab.report.findings import machine_sentence, machine_time, machine_time_sentence, table_findings
+from peftlab.report.findings import (
+    machine_sentence,
+    machine_time,
+    machine_time_sentence,
+    relations,
+    table_findings,
+)
 from peftlab.report.tables import SweepRecords, TaskTable
 
 #: The README lines between which ``peftlab report --readme`` writes the study section.
@@ -56,6 +62,9 @@ def table_sections(tables: list[TaskTable], plots: dict[str, dict[str, tuple[Pat
             if kinds is None or kind in kinds:
                 lines.append(f"![{table.title}: {kind}]({link_base}{png.relative_to(out).as_posix()})")
         lines.append("")
+    across = relations(tables)
+    if across:
+        lines += [f"{'#' * level} Across the tables", ""] + [f"- {line}" for line in across] + [""]
     return lines
 
 
