@@ -137,8 +137,8 @@ def gain_shares(table: TaskTable) -> list[GainShares]:
             continue
         full_mean = full.mean_std(column)[0]
         full_gain = None if full_mean is None else full_mean - before[id(full)]
-        if not full_gain:
-            continue
+        if not full_gain or (full_gain > 0) != bool(column.higher_is_better):
+            continue  # full fine-tuning did not improve on its base: no gain to share
         shares = [(g, (m - before[id(g)]) / full_gain) for g in groups for m in [g.mean_std(column)[0]]
                   if g is not full and m is not None and id(g) in before]
         found.append(GainShares(full, before[id(full)], full_mean, shares))
