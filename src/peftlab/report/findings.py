@@ -11,7 +11,15 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from peftlab.report.tables import Column, ConfigGroup, FinishedRun, TaskTable, baseline_interval, number
+from peftlab.report.tables import (
+    Column,
+    ConfigGroup,
+    FinishedRun,
+    TaskTable,
+    baseline_interval,
+    format_interval,
+    number,
+)
 from peftlab.stats import Interval
 from peftlab.summary import method_of, metric_spec, quantizes_base, training_type
 from peftlab.sweep.runner import read_calibration, row_key
@@ -36,11 +44,6 @@ def _trains_every_weight(group: ConfigGroup) -> bool:
     return bool(method is not None and method.trains_every_weight)
 
 
-def _models(table: TaskTable) -> list[list[ConfigGroup]]:
-    names = sorted({str(g.first.model.name) for g in table.groups})
-    return [[g for g in table.groups if str(g.first.model.name) == name] for name in names]
-
-
 def _base_intervals(groups: list[ConfigGroup], key: str) -> dict[bool, Interval]:
     """quantized? -> the base's CI of metric ``key`` (per-example values required)."""
     out = {}
@@ -63,7 +66,7 @@ def interval_metrics(table: TaskTable) -> list[Column]:
 def base_checks(table: TaskTable, column: Column) -> list[BaseCheck]:
     """Every row with a base interval for ``column``: is its mean beyond that interval, on the better side?"""
     checks = []
-    for groups in _models(table):
+    for groups in table.by_model():
         bases = _base_intervals(groups, column.key)
         for group in groups:
             mean = group.mean_std(column)[0]
@@ -75,10 +78,6 @@ def base_checks(table: TaskTable, column: Column) -> list[BaseCheck]:
     return checks
 
 
-def _interval(ci: Interval) -> str:
-    return f"[{number(ci.lo)}, {number(ci.hi)}]"
-
-
 def base_sentence(table: TaskTable, column: Column) -> str | None:
     checks = base_checks(table, column)
     if not checks:
@@ -88,7 +87,7 @@ def base_sentence(table: TaskTable, column: Column) -> str | None:
     if not missed:
         return (f"{column.label}: every row ends {better} its base model's 95% interval "
                 f"({'; '.join(_base_text(table, c) for c in _first_per_base(checks))}).")
-    named = "; ".join(f"{_label(c.group, table)} {number(c.value)} against its base's {_interval(c.base)}"
+    named = "; ".join(f"{_label(c.group, table)} {number(c.value)} against its base's {format_interval(c.base, number)}"
                       for c in missed)
     passed = [_label(c.group, table) for c in checks if c.beyond]
     return (f"{column.label}: not beyond the base's 95% interval: {named}."
@@ -108,7 +107,7 @@ def _first_per_base(checks: list[BaseCheck]) -> list[BaseCheck]:
 def _base_text(table: TaskTable, check: BaseCheck) -> str:
     kind = "4-bit base" if quantizes_base(check.group.first) else "base"
     model = f" {check.group.first.model.name}" if table.several_models else ""
-    return f"{kind}{model} {number(check.base.estimate)} {_interval(check.base)}"
+    return f"{kind}{model} {number(check.base.estimate)} {format_interval(check.base, number)}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def gain_shares(table: TaskTable) -> list[GainShares]:
     """Per model with a full fine-tuning row: each row's share of its gain (headline metric, seed means)."""
     column = table.metric_column
     found = []
-    for groups in _models(table):
+    for groups in table.by_model():
         full = next((g for g in groups if _trains_every_weight(g)), None)
         before = {}  # id(group) -> the mean 'before' value of its runs (its own base's)
         for group in groups:
@@ -166,7 +165,7 @@ def relations(tables: list[TaskTable]) -> list[str]:
     memory = []
     for table in tables:
         column = next((c for c in table.columns if c.key == "memory_gb"), None)
-        for groups in _models(table) if column is not None else []:
+        for groups in table.by_model() if column is not None else []:
             by_type: dict[str, list[float]] = {}
             for g in groups:
                 mean = g.mean_std(column)[0]
@@ -192,12 +191,12 @@ def relations(tables: list[TaskTable]) -> list[str]:
     return lines
 
 
-def _ordered(table: TaskTable, key: str, reverse: bool = False) -> list[tuple[float, ConfigGroup]]:
+def _ordered(table: TaskTable, key: str) -> list[tuple[float, ConfigGroup]]:
     column = next((c for c in table.columns if c.key == key), None)
     if column is None:
         return []
     pairs = [(m, g) for g in table.groups for m in [g.mean_std(column)[0]] if m is not None]
-    return sorted(pairs, key=lambda mg: mg[0], reverse=reverse)
+    return sorted(pairs, key=lambda mg: mg[0])
 
 
 def memory_sentence(table: TaskTable) -> str | None:

@@ -177,6 +177,11 @@ class TaskTable:
     def several_models(self) -> bool:
         return len({g.first.model.name for g in self.groups}) > 1
 
+    def by_model(self) -> list[list[ConfigGroup]]:
+        """The rows of each model, models in name order."""
+        names = sorted({str(g.first.model.name) for g in self.groups})
+        return [[g for g in self.groups if str(g.first.model.name) == name] for name in names]
+
     @property
     def several_seeds(self) -> bool:
         return any(len(g.runs) > 1 for g in self.groups)
@@ -387,8 +392,7 @@ def attach_stats(table: TaskTable, resamples: int = DEFAULT_RESAMPLES, seed: int
     _STAGES.clear()
     spec = metric_spec(table.groups[0].first, table.metric)
     labels = set()
-    for model in sorted({str(g.first.model.name) for g in table.groups}):
-        groups = [g for g in table.groups if str(g.first.model.name) == model]
+    for groups in table.by_model():
         ref = _reference(groups)
         labels.add(ref.label(False) if ref is not None else None)
         ref_stats = _seed_stats(ref.runs, spec, "after") if ref is not None else None
