@@ -126,6 +126,8 @@ def test_report_keeps_each_runs_config_and_records(tmp_path):
         folder / "runs" / "clm-lora-r16-a32-seed3" / "metrics.jsonl").read_text()
     index = json.loads((kept / "index.json").read_text())
     assert index["runs"] == [{"id": "clm-lora-r16-a32-seed3", "wall_s": 10.0, "definition": res["config"]}]
+    # beside the results too: a sweep that adopts the copied-back run keeps its measured time
+    assert json.loads((kept / "clm-lora-r16-a32-seed3" / "sweep_wall.json").read_text()) == {"wall_s": 10.0}
 
 
 def test_relations_across_tables(clm_sweep):
@@ -141,3 +143,25 @@ def test_relations_across_tables(clm_sweep):
                       f"{round(100 * (lora - base) / (full - base))}%.")
     text = write_report(clm_sweep, clm_sweep / "report").markdown.read_text()
     assert "## Across the tables" in text and memory in text
+
+
+def test_runs_on_two_machines_are_named_in_the_report(tmp_path):
+    """A study resumed on another host: the overview says which runs ran where, and the table warns that its
+    times compare only within one machine."""
+    xeon = {"cpu": "Xeon X", "cpu_count": 2, "torch_threads": 2, "cpu_native_bf16": "amx_bf16"}
+    epyc = {"cpu": "EPYC Y", "cpu_count": 2, "torch_threads": 2, "cpu_native_bf16": "avx512_bf16"}
+    runs = []
+    for rid, seed, machine in (("lora-s1", 1, xeon), ("lora-s2", 2, epyc), ("full-s1", 1, xeon)):
+        res = make_results(rid, task="clm", method="full" if rid.startswith("full") else "lora", seed=seed,
+                           after={"perplexity": 20.0 + seed})
+        res["machine"] = machine
+        runs.append((rid, res))
+    folder = make_store(tmp_path / "sweep", runs)
+    text = write_report(folder, tmp_path / "out").markdown.read_text()
+    assert ("Measured on 2 machines: Xeon X, 2 cores, 2 torch threads, native bf16: amx_bf16 (2 runs); EPYC Y, "
+            "2 cores, 2 torch threads, native bf16: avx512_bf16 (1 run: lora-s2). Times and memory compare only "
+            "between runs on one machine.") in text
+    (table,) = build_tables(read_sweep(folder).finished)
+    assert table_findings(table)[-1] == (
+        "This table's runs were measured on more than one machine, so its times (and tokens/s) are not comparable "
+        "across them: Xeon X ran 2 runs; EPYC Y ran LoRA (8, 16) seed 2.")

@@ -282,6 +282,25 @@ def test_an_interrupted_run_that_had_finished_is_adopted_without_rerunning(tmp_p
     assert not (tmp_path / "out" / "logs").exists()  # no process was started
 
 
+def test_a_run_adopted_from_kept_records_keeps_its_wall_time(tmp_path):
+    # what a report's records/<id>/ holds, copied back into a fresh sweep folder: results and the measured wall time
+    spec = load_sweep(write_sweep(tmp_path / "a.yaml", {"base": TINY_BASE, "grid": {"r": [4, 8]}}))
+    for run_id, wall in (("r4", 123.5), ("r8", None)):
+        kept = tmp_path / "out" / "runs" / run_id
+        kept.mkdir(parents=True)
+        config = next(r for r in spec.runs if r.id == run_id).config.model_dump(mode="json")
+        (kept / "results.json").write_text(json.dumps({"status": "done", "config": config, "task": {"metric": "x"}}))
+        if wall is not None:
+            (kept / "sweep_wall.json").write_text(json.dumps({"wall_s": wall}))
+    outcome = run_sweep(tmp_path / "a.yaml", tmp_path / "out")
+    assert sorted(outcome.ran) == ["r4", "r8"] and outcome.failed == {}
+    store = SweepStore.open(tmp_path / "out", create=False)
+    walls = {r.id: r.wall_s for r in store.rows()}
+    store.close()
+    assert walls == {"r4": 123.5, "r8": None}  # no kept time: unknown, never a made-up one
+    assert not (tmp_path / "out" / "logs").exists()
+
+
 def test_a_missing_sweep_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="sweep file .* does not exist"):
         load_sweep(tmp_path / "nope.yaml")

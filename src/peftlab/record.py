@@ -30,6 +30,9 @@ FAILED_FILE = "failed.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 EXAMPLES_FILE = "eval_examples.json"  # per-example evaluation values (peftlab.per_example)
+#: A kept run's wall time in its sweep, beside its copied-back results (peftlab.report writes it, a sweep that
+#: adopts the run reads it), so that the study's machine time survives the loss of the sweep folder.
+SWEEP_WALL_FILE = "sweep_wall.json"
 TRACKED_PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
                     "tokenizers", "safetensors", "numpy", "scikit-learn", "sacrebleu", "rouge-score")
 

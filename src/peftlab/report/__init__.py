@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.record import EXAMPLES_FILE, METRICS_FILE, RESULTS_FILE, atomic_write_text, write_json
+from peftlab.record import (
+    EXAMPLES_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    SWEEP_WALL_FILE,
+    atomic_write_text,
+    write_json,
+)
 from peftlab.report.markdown import (
     markdown_table,
     readme_parts,
@@ -97,8 +104,9 @@ RECORD_FILES = (METRICS_FILE, EXAMPLES_FILE)
 
 def write_run_records(records, folder: Path) -> None:
     """Keep each finished run's record files (results, loss curve, per-example values) and an index of the runs'
-    status and wall time, so that a committed report holds the results even if the sweep folder is lost: copied
-    back into ``DIR/runs/<id>/``, a rerun of the sweep adopts them as done."""
+    status and wall time (the wall time also beside each run's results), so that a committed report holds the
+    results even if the sweep folder is lost: copied back into ``DIR/runs/<id>/``, a rerun of the sweep adopts them
+    as done, with their measured wall times."""
     index = []
     for run in records.finished:
         write_json(folder / run.id / RESULTS_FILE, run.record.to_dict())  # as the store holds it
@@ -106,6 +114,8 @@ def write_run_records(records, folder: Path) -> None:
             src = run.folder / name
             if src.is_file():
                 atomic_write_text(folder / run.id / name, src.read_text(encoding="utf-8"))
+        if run.wall_s is not None:
+            write_json(folder / run.id / SWEEP_WALL_FILE, {"wall_s": run.wall_s})
         index.append({"id": run.id, "wall_s": run.wall_s, "definition": run.definition})
     write_json(folder / "index.json", {"sweep": records.name, "runs": index})
 

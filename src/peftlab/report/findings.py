@@ -237,7 +237,8 @@ def difference_sentence(table: TaskTable) -> str | None:
 def table_findings(table: TaskTable) -> list[str]:
     """The sentences for one table (none that its numbers cannot support)."""
     sentences = [base_sentence(table, c) for c in interval_metrics(table)]
-    sentences += [gain_sentence(table), difference_sentence(table), memory_sentence(table), time_sentence(table)]
+    sentences += [gain_sentence(table), difference_sentence(table), memory_sentence(table), time_sentence(table),
+                  host_sentence(table)]
     return [s for s in sentences if s]
 
 
@@ -280,20 +281,60 @@ def machine_time_sentence(mt: MachineTime | None, total_runs: int) -> str | None
     return text
 
 
+def _host(run: FinishedRun) -> str | None:
+    """The device a run was measured on (GPU name, else CPU model), or None when its record does not say."""
+    m = run.record.machine
+    where = m.get("cuda_device") or m.get("cpu") or m.get("processor")
+    return str(where) if where else None
+
+
+def _machine_description(run: FinishedRun) -> str | None:
+    m, model = run.record.machine, run.record.model
+    where = _host(run)
+    if where is None:
+        return None
+    parts = [where]
+    if not m.get("cuda_device"):
+        parts.append(f"{m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads")
+        parts.append(f"native bf16: {m.get('cpu_native_bf16') or 'none'}")
+    if model.precision:
+        reason = f" ({model.precision_reason})" if model.precision_reason else ""
+        parts.append(f"precision {model.precision}{reason}")
+    return ", ".join(parts)
+
+
 def machine_sentence(runs: list[FinishedRun]) -> str | None:
-    """Where the runs were measured: CPU (or GPU), cores, bf16 capability and the precision that ``auto`` chose."""
-    seen: dict[str, None] = {}
+    """Where the runs were measured: CPU (or GPU), cores, bf16 capability and the precision that ``auto`` chose;
+    when the runs span several machines, how many ran on each and which ones ran on the others."""
+    by_machine: dict[str, list[str]] = {}
     for run in runs:
-        m, model = run.record.machine, run.record.model
-        where = m.get("cuda_device") or m.get("cpu") or m.get("processor")
-        if not where:
-            continue
-        parts = [str(where)]
-        if not m.get("cuda_device"):
-            parts.append(f"{m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads")
-            parts.append(f"native bf16: {m.get('cpu_native_bf16') or 'none'}")
-        if model.precision:
-            parts.append(f"precision {model.precision}" + (f" ({model.precision_reason})"
-                                                          if model.precision_reason else ""))
-        seen[", ".join(parts)] = None
-    return ("Measured on: " + "; ".join(seen) + ".") if seen else None
+        described = _machine_description(run)
+        if described is not None:
+            by_machine.setdefault(described, []).append(run.id)
+    if len(by_machine) <= 1:
+        return ("Measured on: " + next(iter(by_machine)) + ".") if by_machine else None
+    ordered = sorted(by_machine.items(), key=lambda kv: -len(kv[1]))
+    parts = [f"{ordered[0][0]} ({_runs(len(ordered[0][1]))})"]
+    parts += [f"{desc} ({_runs(len(ids))}: {', '.join(ids)})" for desc, ids in ordered[1:]]
+    return (f"Measured on {len(by_machine)} machines: " + "; ".join(parts)
+            + ". Times and memory compare only between runs on one machine.")
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def host_sentence(table: TaskTable) -> str | None:
+    """A warning when a table's runs were measured on more than one device: which rows' seeds ran where."""
+    by_host: dict[str, list[str]] = {}
+    for group in table.groups:
+        for run in group.runs:
+            host = _host(run)
+            if host is not None:
+                by_host.setdefault(host, []).append(f"{_label(group, table)} seed {run.record.seed}")
+    if len(by_host) <= 1:
+        return None
+    ordered = sorted(by_host.items(), key=lambda kv: -len(kv[1]))
+    return ("This table's runs were measured on more than one machine, so its times (and tokens/s) are not "
+            f"comparable across them: {ordered[0][0]} ran {_runs(len(ordered[0][1]))}; "
+            + "; ".join(f"{host} ran {', '.join(runs)}" for host, runs in ordered[1:]) + ".")

@@ -21,7 +21,7 @@ import yaml
 from peftlab.baseline import CACHE_ENV as BASELINE_CACHE_ENV
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
-from peftlab.record import FAILED_FILE, RESULTS_FILE, FailedRecord, RunRecord, atomic_write_text
+from peftlab.record import FAILED_FILE, RESULTS_FILE, SWEEP_WALL_FILE, FailedRecord, RunRecord, atomic_write_text
 from peftlab.sweep.spec import SweepRun, SweepSpec, load_sweep
 from peftlab.sweep.store import SweepStore, now_iso
 
@@ -346,6 +346,16 @@ def _adoptable(rdir: Path, run: SweepRun) -> RunRecord | None:
     return None
 
 
+def _kept_wall_s(rdir: Path) -> float | None:
+    """The wall time a report kept beside an adopted run's results, else None (a run that finished when its sweep
+    died has no measured wall time)."""
+    try:
+        wall = json.loads((rdir / SWEEP_WALL_FILE).read_text(encoding="utf-8"))["wall_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(wall) if isinstance(wall, (int, float)) and wall >= 0 else None
+
+
 def _write_run_config(out: Path, run: SweepRun) -> Path:
     path = out / "configs" / f"{run.id}.yaml"
     data = {**run.fields, "output_dir": str(run_dir(out, run.id)), "overwrite": True}
@@ -447,7 +457,8 @@ def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bo
     for run in todo:
         adopted = _adoptable(run_dir(out, run.id), run)
         if adopted is not None:
-            store.mark_done(run.id, adopted, None, None, note="adopted: the run had finished when the sweep stopped")
+            store.mark_done(run.id, adopted, _kept_wall_s(run_dir(out, run.id)), None,
+                            note="adopted: the run had finished when the sweep stopped")
             outcome.ran.append(run.id)
             notify(progress("run_end", run_id=run.id, status="done", detail="(finished before the sweep stopped)"))
             continue
