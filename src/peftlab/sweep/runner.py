@@ -455,9 +455,10 @@ def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bo
 
     notify(progress("sweep_start"))
     for run in todo:
-        adopted = _adoptable(run_dir(out, run.id), run)
+        rdir = run_dir(out, run.id)
+        adopted = _adoptable(rdir, run)
         if adopted is not None:
-            store.mark_done(run.id, adopted, _kept_wall_s(run_dir(out, run.id)), None,
+            store.mark_done(run.id, adopted, _kept_wall_s(rdir), None,
                             note="adopted: the run had finished when the sweep stopped")
             outcome.ran.append(run.id)
             notify(progress("run_end", run_id=run.id, status="done", detail="(finished before the sweep stopped)"))
