@@ -139,13 +139,12 @@ def example_rows(encoded) -> list[dict[str, list[int]]]:
     return [{"input_ids": list(e.ids), "labels": e.labels} for e in encoded]
 
 
-def matched_grad_accum(args: argparse.Namespace, data) -> int:
-    """The accumulation that gives a packed epoch about as many optimizer steps as a padded one."""
-    return max(1, round(args.grad_accum * len(data.rows) / len(data.train_enc)))
-
-
 def contender_grad_accum(args: argparse.Namespace, name: str, data) -> int:
-    return matched_grad_accum(args, data) if name == "peftlab-packed-matched" else args.grad_accum
+    """--grad-accum, except for peftlab-packed-matched: scaled by rows / examples, so that its packed epoch takes
+    about as many optimizer steps as a padded one."""
+    if name != "peftlab-packed-matched":
+        return args.grad_accum
+    return max(1, round(args.grad_accum * len(data.rows) / len(data.train_enc)))
 
 
 def peftlab_padding(args: argparse.Namespace, data, packed: bool, grad_accum: int) -> dict[str, int]:

@@ -306,18 +306,22 @@ def _machine_description(run: FinishedRun) -> str | None:
 def machine_sentence(runs: list[FinishedRun]) -> str | None:
     """Where the runs were measured: CPU (or GPU), cores, bf16 capability and the precision that ``auto`` chose;
     when the runs span several machines, how many ran on each and which ones ran on the others."""
-    by_machine: dict[str, list[str]] = {}
-    for run in runs:
-        described = _machine_description(run)
-        if described is not None:
-            by_machine.setdefault(described, []).append(run.id)
-    if len(by_machine) <= 1:
-        return ("Measured on: " + next(iter(by_machine)) + ".") if by_machine else None
-    ordered = sorted(by_machine.items(), key=lambda kv: -len(kv[1]))
+    ordered = _largest_first((_machine_description(run), run.id) for run in runs)
+    if len(ordered) <= 1:
+        return ("Measured on: " + ordered[0][0] + ".") if ordered else None
     parts = [f"{ordered[0][0]} ({_runs(len(ordered[0][1]))})"]
     parts += [f"{desc} ({_runs(len(ids))}: {', '.join(ids)})" for desc, ids in ordered[1:]]
-    return (f"Measured on {len(by_machine)} machines: " + "; ".join(parts)
+    return (f"Measured on {len(ordered)} machines: " + "; ".join(parts)
             + ". Times and memory compare only between runs on one machine.")
+
+
+def _largest_first(pairs) -> list[tuple[str, list[str]]]:
+    """(key, item) pairs grouped by key (None skipped), the groups with the most items first."""
+    groups: dict[str, list[str]] = {}
+    for key, item in pairs:
+        if key is not None:
+            groups.setdefault(key, []).append(item)
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
 
 
 def _runs(n: int) -> str:
@@ -326,15 +330,10 @@ def _runs(n: int) -> str:
 
 def host_sentence(table: TaskTable) -> str | None:
     """A warning when a table's runs were measured on more than one device: which rows' seeds ran where."""
-    by_host: dict[str, list[str]] = {}
-    for group in table.groups:
-        for run in group.runs:
-            host = _host(run)
-            if host is not None:
-                by_host.setdefault(host, []).append(f"{_label(group, table)} seed {run.record.seed}")
-    if len(by_host) <= 1:
+    ordered = _largest_first((_host(run), f"{_label(group, table)} seed {run.record.seed}")
+                             for group in table.groups for run in group.runs)
+    if len(ordered) <= 1:
         return None
-    ordered = sorted(by_host.items(), key=lambda kv: -len(kv[1]))
     return ("This table's runs were measured on more than one machine, so its times (and tokens/s) are not "
             f"comparable across them: {ordered[0][0]} ran {_runs(len(ordered[0][1]))}; "
             + "; ".join(f"{host} ran {', '.join(runs)}" for host, runs in ordered[1:]) + ".")
