@@ -23,7 +23,7 @@ RUN_DEFINING_FIELDS = (
     "model", "revision", "precision", "task", "dataset", "eval_dataset", "text_column", "text_pair_column",
     "label_column", "block_size", "max_length", "train_subset", "method", "lr", "epochs", "max_steps",
     "batch_size", "grad_accum", "warmup_ratio", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm",
-    "seed", "prompt_template", "packing", "gradient_checkpointing", "strategy",
+    "seed", "prompt_template", "packing", "gradient_checkpointing", "strategy", "chat_loss", "chat_format",
 )
 
 
@@ -66,6 +66,11 @@ class RunConfig(BaseModel):
     prompt_template: Literal["auto", "alpaca", "chat"] = Field(
         "auto", description="Instruction prompt: the model's chat template if it has one (auto), or Alpaca.")
     packing: bool = Field(False, description="Pack instruction examples into full sequences instead of padding.")
+    chat_loss: Literal["all", "last"] = Field(
+        "all", description="Chat records: learn every assistant turn (all) or only the last one (last).")
+    chat_format: Literal["auto", "messages", "sharegpt"] = Field(
+        "auto", description="Chat data layout: 'messages' ({role, content}), 'sharegpt' ('conversations' of "
+        "{from, value}), or auto (by the column present).")
     max_new_tokens: int = Field(64, gt=0, description="Generation length for samples and generation metrics.")
     generation_subset: int | None = Field(None, gt=0, description="Examples scored by generation (instruction).")
 
