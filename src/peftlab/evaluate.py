@@ -28,8 +28,8 @@ def run_config_of(adapter: str | Path) -> dict[str, Any]:
 
 
 EVAL_INHERITED = ("model", "task", "dataset", "eval_dataset", "eval_split", "text_column", "text_pair_column",
-                  "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "chat_format", "max_new_tokens",
-                  "generation_subset", "precision", "dtype", "trust_remote_code",
+                  "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "max_new_tokens",
+                  "generation_subset", "chat_format", "precision", "dtype", "trust_remote_code",
                   "eval_batch_size", "batch_size", "data_dir", "chunked_ce", "fp32_attention", "threads")
 
 
