@@ -51,6 +51,19 @@ def base_model_id(model: str, source: str | None = None) -> str | None:
     return None
 
 
+def dequantized_note(results: dict[str, Any]) -> list[str]:
+    """One sentence under the base model when its weights were dequantized from a GGUF file (an alias's fact)."""
+    from peftlab.models import dequantized_from
+
+    model = results.get("model") or {}
+    quantization = dequantized_from(model.get("name"))
+    if quantization is None:
+        return []
+    base = base_model_id(str(model.get("name")), model.get("source")) or model.get("name")
+    return [f"The base weights are `{base}` dequantized from a {quantization} GGUF file, not the original bf16 "
+            "release: the adapter was trained against these weights and fits them best.", ""]
+
+
 def pipeline_tag(architecture: str | None) -> str:
     """The Hub's pipeline tag from the model class (the head decides what the model does)."""
     arch = architecture or ""
@@ -142,6 +155,7 @@ def body(results: dict[str, Any], title: str, extra: list[str] | None = None) ->
     lines += [f"{_fmt(method.get('name'))} fine-tune of `{_fmt((results.get('model') or {}).get('name'))}` on the "
               f"{_fmt((results.get('task') or {}).get('name'))} task, trained and measured by peftlab"
               + (f" ({summary})." if summary else "."), ""]
+    lines += dequantized_note(results)
     lines += extra or []
     lines += ["## Result", ""]
     try:

@@ -28,6 +28,14 @@ from peftlab.precision import for_device as precision_for_device
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PRESETS = ("tiny-llama", "tiny-mistral")
 ALIASES = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
+#: Aliases whose weights are dequantized from a GGUF file, with its quantization type: a model trained on them is
+#: trained against those weights, not the original bf16 release, and its card says so.
+GGUF_QUANTIZATION = {"smollm2-135m": "Q4_1", "gemma3-270m": "Q4_K_M"}
+
+
+def dequantized_from(name: str | None) -> str | None:
+    """The GGUF quantization type an alias's weights were dequantized from (``Q4_1``), or None."""
+    return GGUF_QUANTIZATION.get(str(name))
 
 
 def cache_dir() -> Path:
@@ -205,6 +213,7 @@ class LoadedModel:
     dtype: torch.dtype  # the dtype weights were loaded in (bf16-mixed then casts a frozen base's matmul weights)
     precision: Precision
     new_modules: list[str] = field(default_factory=list)
+    name: str | None = None  # the model as the user named it: an alias, a hub id or a path
 
 
 def new_module_paths(missing_keys) -> list[str]:
@@ -328,7 +337,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         detach_from_checkpoint_file(model)
     use_fp32_attention(model, precision, device, cfg.fp32_attention)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
-                       precision=precision, new_modules=new_modules)
+                       precision=precision, new_modules=new_modules, name=cfg.model)
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -179,7 +179,8 @@ class Section(BaseModel):
 
 class ModelInfo(Section):
     name: str | None = None
-    source: str | None = None
+    source: str | None = None  # the local folder (or hub id) the base was loaded from
+    adapter_base: str | None = None  # the base as adapter_config.json names it: its hub id where known
     architecture: str | None = None
     dtype: str | None = None
     device: str | None = None

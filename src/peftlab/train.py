@@ -28,6 +28,7 @@ from peftlab.methods import Method, get_method
 from peftlab.models import LoadedModel, load_model, resolve_device, resolve_precision
 from peftlab.per_example import write_stage
 from peftlab.plan.memory import estimate_for_run
+from peftlab.portable import name_portable_base, portable_base_name
 from peftlab.precision import Precision, compute_context
 from peftlab.record import (
     RESULTS_SCHEMA,
@@ -289,6 +290,7 @@ def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: Run
         if gathered is not None:
             kwargs["state_dict"] = gathered
         model.save_pretrained(target, safe_serialization=True, **kwargs)
+        name_portable_base(target, loaded)  # adapter_config.json names the hub id, not this machine's cache
         loaded.tokenizer.save_pretrained(target)
         for name, text in (extra_files or {}).items():
             (target / name).write_text(text, encoding="utf-8")
@@ -412,6 +414,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         finished=dt.datetime.now(dt.UTC).isoformat(),
         config=cfg.model_dump(mode="json"),
         model=ModelInfo(name=cfg.model, source=loaded.source, architecture=type(loaded.model).__name__,
+                        adapter_base=portable_base_name(cfg.model, loaded.source),
                         dtype=str(loaded.dtype).removeprefix("torch."), device=str(device),
                         precision=loaded.precision.name, precision_reason=loaded.precision.reason),
         method=MethodInfo(name=method.name, summary=method.summary, fields=fields, r=fields.get("r"),
