@@ -133,7 +133,7 @@ def test_a_template_that_rewrites_the_answer_is_refused(smollm2) -> None:
     tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    with pytest.raises(UserError, match="assistant turn 3 as 'PARIS.<|im_end|>'"):
+    with pytest.raises(UserError, match=r"message 3 \(assistant\) as 'PARIS.<\|im_end\|>'"):
         PromptEncoder(tok, "chat", 512).encode(THREE_TURNS)
 
 

@@ -157,12 +157,6 @@ class PromptEncoder:
         ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
         return int(ids[0]) if len(ids) == 1 else None
 
-    def prompt_text(self, example: Example) -> str:
-        """What the model is given at generation time."""
-        if self.template == "alpaca":
-            return render_alpaca(example)
-        return self._render(list(example.messages), generation_prompt=True)
-
     def pieces(self, example: Example) -> list[Piece]:
         """The conversation as alternating masked and assistant pieces (every assistant turn marked learned)."""
         if self.template == "alpaca":
@@ -199,7 +193,7 @@ class PromptEncoder:
             ids = self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
             if ids == ([self.end_of_turn_id] if self.end_of_turn_id is not None else []):
                 return
-        raise UserError(f"prompt_template: the model's chat template writes assistant turn {turn} as {text[:60]!r}, "
+        raise UserError(f"prompt_template: the model's chat template writes message {turn} (assistant) as {text[:60]!r}, "
                         "not as its content followed by one end-of-turn token, so the turn cannot be learned "
                         "exactly; use --set prompt_template=alpaca")
 
