@@ -69,7 +69,8 @@ def train(args, mode: str, train_file: Path, eval_file: Path) -> Path:
            "--output-dir", str(run), "--epochs", "1", "--batch-size", str(args.batch_size), "--grad-accum",
            str(args.grad_accum), "--lr", str(args.lr), "--max-length", str(args.max_length), "--seed", "0",
            "--set", f"chat_loss={mode}", "--set", "precision=fp32", "--set", f"threads={args.threads}",
-           "--set", f"generation_subset={args.generations}", "--set", "max_new_tokens=48", "--set", "overwrite=true"]
+           "--set", f"generation_subset={args.generations}", "--set", f"max_new_tokens={args.max_new_tokens}",
+           "--set", "eval_before=false", "--set", "overwrite=true"]  # the base is scored below, turn by turn
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run_logged(cmd, args.out / "logs" / f"chat-loss-{mode}.log", env, timeout=3 * 3600, cwd=REPO)
     return run
@@ -135,10 +136,7 @@ def run_summary(run: Path) -> dict[str, Any]:
     return {"optimizer_steps": results["timing"]["optimizer_steps"], "tokens_trained": results["timing"][
         "tokens_trained"], "train_loss_first": losses[0], "train_loss_last_fifth": sum(tail) / len(tail),
         "eval_perplexity_after": results["metrics"]["after"]["perplexity"],
-        "eval_perplexity_before": (results["metrics"].get("before") or {}).get("perplexity"),
-        "rougeL_after": results["metrics"]["after"]["rougeL"],
-        "rougeL_before": (results["metrics"].get("before") or {}).get("rougeL"),
-        "learned_turns": results["data"].get("learned_turns")}
+        "rougeL_after": results["metrics"]["after"]["rougeL"], "learned_turns": results["data"].get("learned_turns")}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -154,12 +152,13 @@ def markdown(result: dict[str, Any]) -> str:
     for name, row in result["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[t]['perplexity']:.3f}" for t in turns) + " |")
     lines += ["", "| run | optimizer steps | input tokens | loss tokens | train loss (first step) | train loss (last "
-              "fifth of steps) | ROUGE-L before -> after |", "|---|---|---|---|---|---|---|"]
+              f"fifth of steps) | ROUGE-L after ({setup['generations']} generations) |",
+              "|---|---|---|---|---|---|---|"]
     for mode in MODES:
         run = result["runs"][mode]
         lines.append(f"| chat_loss={mode} | {run['optimizer_steps']} | {result['tokens']['input']} | "
                      f"{result['tokens'][mode]} | {run['train_loss_first']:.4f} | {run['train_loss_last_fifth']:.4f}"
-                     f" | {run['rougeL_before']:.4f} -> {run['rougeL_after']:.4f} |")
+                     f" | {run['rougeL_after']:.4f} |")
     lines += ["", "The training losses average over different tokens (every answer, or the last answer of each "
               "conversation), so they are not comparable with each other; the perplexities above are, as every "
               "model is scored on the same turns.", "", "```bash", result["command"], "```", ""]
@@ -175,7 +174,8 @@ def main() -> None:
         "PEFTLAB_DATA_DIR", REPO.parent / "shared" / "datasets")) / "alpaca-libre")
     parser.add_argument("--train", type=int, default=200, help="training conversations")
     parser.add_argument("--eval", type=int, default=60, help="evaluation conversations")
-    parser.add_argument("--generations", type=int, default=16, help="conversations scored by generation")
+    parser.add_argument("--generations", type=int, default=8, help="conversations scored by generation")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -199,7 +199,8 @@ def main() -> None:
     command = "python benchmarks/chat_turns.py " + " ".join(a for a in sys.argv[1:])
     result = {"setup": {"model": args.model, "train_conversations": args.train, "eval_conversations": args.eval,
                         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
-                        "max_length": args.max_length, "data": str(args.data.name)},
+                        "max_length": args.max_length, "generations": args.generations,
+                        "max_new_tokens": args.max_new_tokens, "data": str(args.data.name)},
               "tokens": learned_tokens(args, train_file), "runs": {m: run_summary(r) for m, r in runs.items()},
               "perplexity": perplexity, "command": command.strip()}
     results_dir.mkdir(parents=True, exist_ok=True)
