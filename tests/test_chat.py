@@ -244,3 +244,11 @@ def test_sharegpt_file_trains_and_evaluates(tmp_path: Path, capsys, packing: boo
     capsys.readouterr()
     assert main(["eval", "--adapter", str(run / "adapter")]) == 0
     assert json.loads(capsys.readouterr().out) == after
+
+
+def test_chat_fields_are_validated() -> None:
+    assert load_config(None, {}).chat_loss == "all" and load_config(None, {}).chat_format == "auto"
+    with pytest.raises(UserError, match="chat_loss"):
+        load_config(None, {"task": "instruction", "chat_loss": "first"})
+    with pytest.raises(UserError, match="chat_format"):
+        load_config(None, {"task": "instruction", "chat_format": "alpaca"})
