@@ -104,7 +104,7 @@ def per_turn_perplexity(args, eval_file: Path, adapter: Path | None) -> dict[str
     overrides = {} if adapter else {"model": args.model, "task": "instruction", "dataset": str(eval_file),
                                     "max_length": args.max_length, "precision": "fp32"}
     cfg = eval_config(str(adapter) if adapter else None, {**overrides, "eval_dataset": str(eval_file),
-                                                           "eval_subset": None, "threads": 1})
+                                                           "eval_subset": args.eval, "threads": 1})
     task = get_task("instruction")(cfg)
     raw = task.load()
     loaded, model = load_for_eval(cfg, str(adapter) if adapter else None, "auto")
@@ -137,11 +137,11 @@ def learned_tokens(args, train_file: Path) -> dict[str, int]:
     examples, _ = parse_split(DataSplit(records, f"file:{train_file}", "train", "-"))
     tokenizer = load_tokenizer(resolve_model_source(args.model), load_config(None, {"model": args.model}))
     encoder = PromptEncoder(tokenizer, choose_template("auto", tokenizer), args.max_length)
-    out = {"input": 0}
+    out = {}
     for mode in MODES:
         encoded = [e for e in (encoder.encode(x, mode) for x in examples) if e is not None]
-        out[mode] = sum(b - a for e in encoded for a, b in e.learned_spans)
-        out["input"] = sum(len(e.ids) for e in encoded)
+        out[mode] = {"conversations": len(encoded), "input": sum(len(e.ids) for e in encoded),
+                     "loss": sum(b - a for e in encoded for a, b in e.learned_spans)}
     return out
 
 
@@ -167,13 +167,14 @@ def markdown(result: dict[str, Any]) -> str:
              "| model | " + " | ".join(turns) + " |", "|---|" + "---|" * len(turns)]
     for name, row in result["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[t]['perplexity']:.3f}" for t in turns) + " |")
-    lines += ["", "| run | optimizer steps | input tokens | loss tokens | train loss (first step) | train loss (last "
-              "fifth of steps) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| run | conversations | optimizer steps | input tokens | loss tokens | train loss (first step) | "
+              "train loss (last fifth of steps) |", "|---|---|---|---|---|---|---|"]
     for mode in MODES:
-        run = result["runs"][mode]
-        lines.append(f"| chat_loss={mode} | {run['optimizer_steps']} | {result['tokens']['input']} | "
-                     f"{result['tokens'][mode]} | {run['train_loss_first']:.4f} | {run['train_loss_last_fifth']:.4f}"
-                     " |")
+        run, tokens = result["runs"][mode], result["tokens"][mode]
+        lines.append(f"| chat_loss={mode} | {tokens['conversations']} | {run['optimizer_steps']} | {tokens['input']} | "
+                     f"{tokens['loss']} | {run['train_loss_first']:.4f} | {run['train_loss_last_fifth']:.4f} |")
+    lines += ["", "chat_loss=last drops a conversation whose last prompt does not fit max_length (it has nothing to "
+              "learn); chat_loss=all keeps it, cut, for the answers that fit."]
     lines += ["", "The training losses average over different tokens (every answer, or the last answer of each "
               "conversation), so they are not comparable with each other; the perplexities above are, as every "
               "model is scored on the same turns.", "", "```bash", result["command"], "```", ""]
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--reuse", action="store_true", help="score the runs already in OUT instead of training")
     args = parser.parse_args()
     args.out = args.out.absolute()
     results_dir = (args.results or args.out).absolute()
@@ -201,13 +203,15 @@ def main() -> None:
                              chain(alpaca_rows(args.data / "train.jsonl"), args.train, seed=0))
     eval_file = write_jsonl(args.out / "data" / "eval.jsonl",
                             chain(alpaca_rows(args.data / "test.jsonl"), args.eval, seed=1))
-    runs = train_both(args, train_file, eval_file)
+    runs = {mode: args.out / "runs" / f"chat-loss-{mode}" for mode in MODES}
+    if not (args.reuse and all((run / "results.json").is_file() for run in runs.values())):
+        runs = train_both(args, train_file, eval_file)
     models = {"base": None, **{f"chat_loss={mode}": runs[mode] / "adapter" for mode in MODES}}
     with ProcessPoolExecutor(len(models), mp_context=multiprocessing.get_context("spawn")) as pool:
         scored = {name: pool.submit(per_turn_perplexity, args, eval_file, adapter) for name, adapter in
                   models.items()}
         perplexity = {name: future.result() for name, future in scored.items()}
-    command = "python benchmarks/chat_turns.py " + " ".join(a for a in sys.argv[1:])
+    command = "python benchmarks/chat_turns.py " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
     result = {"setup": {"model": args.model, "train_conversations": args.train, "eval_conversations": args.eval,
                         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
                         "max_length": args.max_length, "data": str(args.data.name)},
