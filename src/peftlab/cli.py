@@ -188,6 +188,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from peftlab import sweep
 
     out = args.output_dir or str(Path("sweeps") / Path(args.sweep_file).stem)
+    if args.calibrate:
+        from peftlab.sweep.calibrate import cli_calibrate
+
+        return cli_calibrate(args.sweep_file, out)
     if args.dry_run:
         print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed)))
         return 0
@@ -214,6 +218,8 @@ def _add_study_commands(sub: Any) -> None:
     sweep.add_argument("--output-dir", help="store, runs and logs (default: sweeps/<sweep file name>)")
     sweep.add_argument("--retry-failed", action="store_true", help="also redo runs that failed before")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; run nothing")
+    sweep.add_argument("--calibrate", action="store_true", help="time one short run per row on this machine and "
+                       "write OUTPUT_DIR/calibration.json, which --dry-run and the ETA then use")
     sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="tables, plots and an HTML report from a sweep's store")
     report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --output-dir of `peftlab sweep`")
