@@ -46,7 +46,7 @@ def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
     return load_config(None, base)
 
 
-def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, task_kind: str = "causal_lm",
+def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, model_kind: str = "causal_lm",
                   **model_kwargs: Any) -> tuple[LoadedModel, nn.Module]:
     """Load the base model (4-bit if the adapter was trained with QLoRA, unless told otherwise) + adapter."""
     if cfg.threads:  # as in training: the run's thread count, unless overridden (--set threads=N)
@@ -57,7 +57,7 @@ def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, task
         quantizer = next(m for m in METHODS.values() if m.quantizes_base)
         cfg = build_config({**cfg.model_dump(exclude=set(cfg.method_fields())), "method": quantizer.name},
                            "--base-precision 4bit")
-    loaded = load_model(cfg, task_kind=task_kind, quantize_4bit=quantize, **model_kwargs)
+    loaded = load_model(cfg, model_kind=model_kind, quantize_4bit=quantize, **model_kwargs)
     model = loaded.model
     if adapter:
         model = attach_adapter(model, adapter)

@@ -268,7 +268,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
+def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
                num_labels: int | None = None, label_names: list[str] | None = None,
                trainable_base: bool = False) -> LoadedModel:
     """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls).
@@ -293,7 +293,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
             kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         else:
             kwargs["device_map"] = {"": "cpu"}
-    if task_kind == "seq_cls":
+    if model_kind == "seq_cls":
         cls = AutoModelForSequenceClassification
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names or [])),
                       label2id={n: i for i, n in enumerate(label_names or [])})
@@ -301,7 +301,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         cls = AutoModelForCausalLM
     new_modules: list[str] = []
     try:
-        if task_kind == "seq_cls":
+        if model_kind == "seq_cls":
             model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs)
             new_modules = new_module_paths(loading["missing_keys"])
         else:
@@ -313,7 +313,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
                             "trust its pickle files") from None
         raise UserError(f"model {cfg.model!r} could not be loaded ({msg}); check the hub id or folder") from None
     except ValueError as exc:
-        raise UserError(f"model {cfg.model!r} cannot be used for {task_kind} ({_first_line(exc)})") from None
+        raise UserError(f"model {cfg.model!r} cannot be used for {model_kind} ({_first_line(exc)})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if quantize_4bit:

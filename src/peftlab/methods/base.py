@@ -29,9 +29,9 @@ CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "causal_
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def peft_task_type(task_kind: str) -> str:
+def peft_task_type(model_kind: str) -> str:
     """peft's TaskType value for a task kind ("causal_lm" -> "CAUSAL_LM", "seq_cls" -> "SEQ_CLS")."""
-    return task_kind.upper()
+    return model_kind.upper()
 
 
 def plan_targets(arch: Any, plan_input: Any, default: Sequence[str] | None = None) -> list[str]:
@@ -146,14 +146,14 @@ class Method:
 
     # --- behaviour -------------------------------------------------------------------------------------------
 
-    def task_capability(self, task_kind: str) -> str:
+    def task_capability(self, model_kind: str) -> str:
         """The capability name of a task kind ("causal_lm" -> "causal_lm", "seq_cls" -> "classification")."""
-        return "classification" if task_kind == "seq_cls" else task_kind
+        return "classification" if model_kind == "seq_cls" else model_kind
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         """Turn the loaded base model into the model to train.
 
-        ``task_kind`` is "causal_lm" or "seq_cls"; ``new_modules`` are the base model's newly initialised modules
+        ``model_kind`` is "causal_lm" or "seq_cls"; ``new_modules`` are the base model's newly initialised modules
         (a classification head) that must be trained and saved with the adapter (peft ``modules_to_save``).
         """
         raise NotImplementedError

@@ -36,7 +36,7 @@ class Full(Method):
         """Every matmul weight is trained: 6 FLOPs per weight and token, plus the attention term."""
         return 6 * arch.flop_weights() + arch.attention_flops_per_token(plan_input.seq_len)
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         for param in model.parameters():
             param.requires_grad_(True)
         return model
