@@ -376,7 +376,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{'bf16' if dtype == 'bfloat16' else 'fp32'} rows)." for dtype in sorted(g)],
               f"- CPU: {report['machine'].get('cpu') or '?'}; bf16: {report['bf16']}.",
               "- FLOPs/token, as each method counts them: "
-              + "; ".join(f"{m['display_name']} {m['formula']} (N_trainable = {m['n_trainable']:,})" for m in counted)
+              + "; ".join(f"{m['display_name']} {m['formula']}" + (f" (N_trainable = {m['n_trainable']:,})"
+                                                                      if "N_trainable" in m["formula"] else "")
+                          for m in counted)
               + f"; N = {shape['n_matmul']:,} matmul weights (LM head included), L = {shape['layers']}, "
               f"T = {s['block_size']}, d_attn = {shape['d_attn']}.",
               *([f"- peftlab-lora-2proc: `peftlab train --processes 2 --grad-accum {s['grad_accum'] // 2}`, two "

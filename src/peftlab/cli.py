@@ -70,6 +70,10 @@ def field_help(name: str) -> str:
     text = (info.description or name).rstrip(".")
     if name == "method":
         text += f": {' | '.join(method_names())}"
+    if name == "task":
+        from peftlab.tasks import task_names
+
+        text += f": {' | '.join(task_names())}"
     default = info.get_default(call_default_factory=True)
     if isinstance(default, list):
         default = ",".join(map(str, default))

@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
         "gradients and optimizer states sharded over the processes; full and the LoRA family).")
 
     # --- task and data -------------------------------------------------------------------------------------
-    task: str = Field("clm", description="clm | classification | instruction.")
+    task: str = Field("clm", description="Task (each declares its own settings: peftlab.tasks).")
     dataset: str = Field("wikitext-2-raw-v1", description="Dataset name, hub id, or a local file.")
     eval_dataset: str | None = Field(None, description="Evaluation dataset or file (default: the dataset's "
                                      "evaluation split).")

@@ -28,7 +28,6 @@ from peftlab.losses import (
     shift_labels,
     shifted_label_count,
 )
-from peftlab.methods import get_method
 from peftlab.prompts import (
     Encoded,
     Example,
@@ -41,7 +40,7 @@ from peftlab.prompts import (
     pad_batch,
 )
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task, task_fields
 from peftlab.tasks.common import (
     check_positions,
     columns_of,
@@ -186,6 +185,8 @@ class InstructionTask(Task):
 
     name = "instruction"
     order = 2
+    fields = task_fields("InstructionFields", "max_length", "prompt_template", "packing", "max_new_tokens",
+                         "generation_subset", training_only=("packing",), needs={"packing": "packing"})
     metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True,
                           statistic=Statistic("mean", "generations", ("rougeL",))),
                MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),  # corpus-level
@@ -219,8 +220,6 @@ class InstructionTask(Task):
         check_positions(model, cfg.max_length + cfg.max_new_tokens,
                         f"max_length {cfg.max_length} + max_new_tokens {cfg.max_new_tokens}",
                         "lower --max-length or max_new_tokens")
-        if cfg.packing:
-            get_method(cfg.method).check_supports("packing")
         template = choose_template(cfg.prompt_template, tokenizer)
         encoder = PromptEncoder(tokenizer, template, cfg.max_length)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
