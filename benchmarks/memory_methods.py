@@ -131,13 +131,14 @@ def checks(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
 
 def format_table(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table plus the checks."""
-    name = {"full": "Full", "lora": "LoRA (8, 16)", "qlora": "QLoRA (8, 16)"}
     lines = [f"{meta['model']}, {meta['device']}, WikiText-2 blocks of {meta['block_size']}, batch "
              f"{meta['batch_size']}, {meta['steps']} optimizer steps, allocator: {meta['allocator']}", "",
              "| Method | Training-phase peak (GiB) | Predicted (GiB) | Error | Tokens/s | Perplexity before -> after |"
              " Trainable params |", "|---|---|---|---|---|---|---|"]
     for r in rows.values():
-        label = f"{name.get(r['method'], r['method'])} {r['precision']}"
+        method = get_method(r["method"])
+        shape = f" {method.config_label({'r': 8, 'alpha': 16})}" if method.shows_rank else ""
+        label = f"{method.display_name}{shape} {r['precision']}"
         lines.append(f"| {label} | {r['measured_peak_gb']:.3f} | {r['predicted_peak_gb']:.3f} | "
                      f"{r['error_pct']:+.1f}% | {r['tokens_per_s']:.1f} | {r['ppl_before']:.2f} -> "
                      f"{r['ppl_after']:.2f} | {r['trainable_params']:,} |")

@@ -89,6 +89,9 @@ def test_calibrate_writes_the_calibration_that_the_dry_run_then_uses(tmp_path):
     assert all(row["seconds"] > 0 for row in calibration["rows"])
     runs = sorted(p.name for p in (out / WORK_DIR / "runs").iterdir())
     assert runs == ["full-seed1", "lora-seed1"]  # one short run per row, not per seed
+    # the rows share a baseline, yet each short run computed its own (its evaluation time counts two evaluations)
+    caches = list((out / WORK_DIR / "baselines").iterdir())
+    assert len(caches) == 2 and all(any(c.iterdir()) for c in caches)
     assert not (out / "sweep.sqlite").exists()  # calibrating runs none of the sweep's runs
 
     after = _peftlab("sweep", str(sweep_file), "--output-dir", str(out), "--dry-run")

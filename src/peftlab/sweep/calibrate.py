@@ -113,8 +113,9 @@ def measurement(record: RunRecord, wall_s: float, run_dir: Path, short: ShortRun
                 generations: int | None) -> dict[str, Any]:
     """What projecting a row needs from its short run's record."""
     timing, evaluated = record.timing, record.data.eval
-    if evaluated is None or not evaluated.used or not timing.epochs_trained:
-        raise UserError(f"{run_dir}: the short run's record has no evaluation counts or epochs; it cannot be "
+    timed = timing.epochs_trained and None not in (timing.train_time_s, timing.eval_time_s)
+    if evaluated is None or not evaluated.used or not timed:
+        raise UserError(f"{run_dir}: the short run's record lacks its evaluation counts or times; it cannot be "
                         "projected")
     first, later = step_times(run_dir)
     return {"wall_s": wall_s, "first_step_s": first, "step_s": later, "load_s": timing.load_time_s,
@@ -132,6 +133,9 @@ def measure(row: Row, work: Path, short: ShortRun, generations: int | None, env:
                       + yaml.safe_dump(short_fields(row, run_dir, short, generations), sort_keys=False))
     log = work / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh baseline cache per short run: each measures its own baseline evaluation, which the projection
+    # counts (rows that share a baseline would otherwise find it cached and seem to evaluate once)
+    env = {**env, BASELINE_CACHE_ENV: str(work / "baselines" / f"{name}-{time.time_ns()}")}
     start = time.monotonic()
     with open(log, "wb") as fh:
         code = subprocess.run(run_command(config), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -211,9 +215,7 @@ def measure_rows(rows: list[Row], work: Path, short: ShortRun,
                  say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], float]:
     """Each row's measurement (kept ones reused) and the seconds per generated example; saved after each row."""
     measured, gen_s = _kept(work)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           # a fresh cache: every short run measures its own baseline evaluation
-           BASELINE_CACHE_ENV: str(work / "baselines" / str(time.time_ns()))}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     for row in rows:
         if row.key in measured:
             continue
