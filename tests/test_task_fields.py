@@ -41,11 +41,17 @@ def test_evaluation_inherits_each_tasks_evaluation_settings_and_no_training_ones
     assert not {"packing", "train_subset", "sample_prompt"} & EVAL_INHERITED
 
 
-def test_the_task_help_lists_the_registered_tasks():
-    from peftlab.cli import field_help
+def test_the_task_help_lists_the_registered_tasks_when_it_is_shown():
+    import subprocess
+    import sys
 
     assert task_names()[0] == "clm"  # table order
-    assert field_help("task").endswith(f": {' | '.join(task_names())} (default clm)")
+    shown = subprocess.run([sys.executable, "-m", "peftlab", "train", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert f": {' | '.join(task_names())} (default clm)" in " ".join(shown.split())
+    code = "import sys; import peftlab.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # building the parser lists no task (that imports torch)
 
 
 def test_packing_is_checked_against_the_method_when_the_config_is_built():

@@ -71,15 +71,24 @@ def field_help(name: str) -> str:
     if name == "method":
         text += f": {' | '.join(method_names())}"
     if name == "task":
-        from peftlab.tasks import task_names
-
-        text += f": {' | '.join(task_names())}"
+        text += ": {tasks}"
     default = info.get_default(call_default_factory=True)
     if isinstance(default, list):
         default = ",".join(map(str, default))
     shown = f" (default {default}{owners})" if default is not None and not isinstance(default, bool) else \
         (f" ({owners.removeprefix('; ')})" if owners else "")
-    return (text + shown).replace("%", "%%")
+    help_text = (text + shown).replace("%", "%%")
+    return TaskHelp(help_text) if name == "task" else help_text
+
+
+class TaskHelp(str):
+    """The --task help. argparse expands a help string (``help % params``) only when it shows it, and only then are
+    the registered tasks listed: importing them imports torch, which parsing the arguments does not need."""
+
+    def __mod__(self, params: Any) -> str:
+        from peftlab.tasks import task_names
+
+        return str.__mod__(self.replace("{tasks}", " | ".join(task_names())), params)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
