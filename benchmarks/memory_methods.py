@@ -50,7 +50,7 @@ def train_command(method: str, args: argparse.Namespace, run_dir: Path, precisio
            str(args.steps * args.batch_size), "--eval-subset", str(args.eval_subset), "--lr", str(LR[method]),
            "--device", args.device, "--precision", precision, "--output-dir", str(run_dir), "--overwrite",
            "--set", "max_new_tokens=8"]
-    if get_method(method).shows_rank:  # a method with a rank trains at the seed's (8, 16)
+    if {"r", "alpha"} <= get_method(method).field_names():  # a rank and its scaling: the seed's (8, 16)
         cmd += ["--r", "8", "--alpha", "16"]
     return cmd
 

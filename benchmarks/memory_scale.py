@@ -81,7 +81,7 @@ def planned_gib(model_dir: Path, method: str, args: argparse.Namespace, precisio
 
     fields = {"model": str(model_dir), "method": method, "block_size": args.block_size,
               "batch_size": args.batch_size, "grad_accum": 1, "device": args.device, "precision": precision}
-    if get_method(method).shows_rank:  # a method with a rank trains at the seed's (8, 16)
+    if {"r", "alpha"} <= get_method(method).field_names():  # a rank and its scaling: the seed's (8, 16)
         fields.update(r=8, alpha=16)
     return plan_for_config(load_config(None, fields), processes=1).peak_bytes / GIB
 
