@@ -203,7 +203,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from peftlab.report import write_report
 
-    made = write_report(args.sweep_dir, args.output_dir, args.readme)
+    made = write_report(args.sweep_dir, args.output_dir, args.readme, args.mixed_machines)
     print("\n".join(f"{what}: {path}" for what, path in made.summary_lines()))
     return 0
 
@@ -221,6 +221,9 @@ def _add_study_commands(sub: Any) -> None:
     report.add_argument("--readme", metavar="README.md",
                         help="also write the tables and findings into this file, between its "
                              "'<!-- study:start -->' and '<!-- study:end -->' lines")
+    report.add_argument("--mixed-machines", action="store_true",
+                        help="show time and speed cells of tables whose runs were measured on several machines "
+                             "(blank by default: they compare only within one machine)")
     report.set_defaults(func=cmd_report)
 
 

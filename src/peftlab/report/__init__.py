@@ -51,9 +51,10 @@ class ReportFiles:
 
 
 def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
-                 readme: str | Path | None = None) -> ReportFiles:
+                 readme: str | Path | None = None, mixed_machines: bool = False) -> ReportFiles:
     """Write report.md, report.html, tables/<task>.md and plots/*.png|svg for a sweep folder; with ``readme``,
-    also replace that file's study section (between its marker lines) with the tables and findings."""
+    also replace that file's study section (between its marker lines) with the tables and findings.
+    ``mixed_machines`` keeps the speed columns of tables whose runs span machines (blank by default)."""
     from peftlab.report.html import render_html  # matplotlib and yaml only when a report is written
     from peftlab.report.plots import plot_table
 
@@ -62,7 +63,7 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
     records = read_sweep(sweep_dir)
     out = Path(output_dir) if output_dir else records.folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(records.finished)
+    tables = build_tables(records.finished, mixed_machines)
     table_files, plots = [], {}
     for table in tables:
         path = out / "tables" / f"{table.slug}.md"
