@@ -206,3 +206,25 @@ def test_mixed_machines_keeps_the_speed_cells(tmp_path):
     assert not any("left blank" in n for n in table.notes)
     assert main(["report", str(folder), "--output-dir", str(tmp_path / "out"), "--mixed-machines"]) == 0
     assert any(p.name.endswith("-speed.png") for p in (tmp_path / "out" / "plots").iterdir())
+
+
+def test_seed_table_fills_the_seeds_layout_with_intervals(tmp_path, capsys):
+    """`peftlab report --seed-table`: the seed's six columns from the measured rows, the metric with its bootstrap
+    interval, time and memory with a t-interval over seeds, and the seed's claims with what rules them out."""
+    from peftlab.report.seed_layout import seed_interval
+
+    runs = []
+    for seed, epoch_s in ((1, 60.0), (2, 72.0)):
+        runs.append((f"lora-s{seed}", make_results(f"lora-s{seed}", task="clm", method="lora", seed=seed,
+                                                   epoch_s=epoch_s, after={"perplexity": 20.0 + seed})))
+    folder = make_store(tmp_path / "sweep", runs)
+    assert main(["report", str(folder), "--output-dir", str(tmp_path / "out"), "--seed-table"]) == 0
+    text = (tmp_path / "out" / "seed_table.md").read_text()
+    assert text in capsys.readouterr().out
+    lo, hi = seed_interval([1.0, 1.2])
+    row = next(line for line in text.splitlines() if line.startswith("| smollm2-135m | LoRA | (8, 16) |"))
+    assert f"| 1.10 [{lo:.2f}, {hi:.2f}] (2 seeds) |" in row
+    assert "| Model | Training Type | (r, α) | Time/Epoch (min) ↓ | Perplexity ↓ | Memory (GB) ↓ |" in text
+    assert ("| Llama-2-7B | LoRA | 8 | 9 GB | not possible on one GPU: the frozen base's 6.74 B parameters in 16 "
+            "bits take 13.5 GB") in text
+    assert seed_interval([3.0]) is None
