@@ -220,7 +220,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from peftlab.report import write_report
 
-    made = write_report(args.sweep_dir, args.output_dir, args.readme)
+    made = write_report(args.sweep_dir, args.output_dir, args.readme, args.mixed_machines, args.seed_table)
+    if made.seed_table is not None:
+        print(made.seed_table.read_text(encoding="utf-8"))
     print("\n".join(f"{what}: {path}" for what, path in made.summary_lines()))
     return 0
 
@@ -240,6 +242,13 @@ def _add_study_commands(sub: Any) -> None:
     report.add_argument("--readme", metavar="README.md",
                         help="also write the tables and findings into this file, between its "
                              "'<!-- study:start -->' and '<!-- study:end -->' lines")
+    report.add_argument("--mixed-machines", action="store_true",
+                        help="show time and speed cells of tables whose runs were measured on several machines "
+                             "(blank by default: they compare only within one machine)")
+    report.add_argument("--seed-table", action="store_true",
+                        help="also print and write seed_table.md: the seed's layout (Model | Training Type | (r, α) "
+                             "| Time/Epoch | metric | Memory) from the measured rows, each cell with its interval, "
+                             "beside the seed's own claims")
     report.set_defaults(func=cmd_report)
 
 
