@@ -186,7 +186,8 @@ class InstructionTask(Task):
     name = "instruction"
     order = 2
     fields = task_fields("InstructionFields", "max_length", "prompt_template", "packing", "max_new_tokens",
-                         "generation_subset", training_only=("packing",), needs={"packing": "packing"})
+                         "generation_subset", "generation_batch_size", training_only=("packing",),
+                         needs={"packing": "packing"})
     metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True,
                           statistic=Statistic("mean", "generations", ("rougeL",))),
                MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),  # corpus-level
@@ -197,7 +198,7 @@ class InstructionTask(Task):
     table_metrics = ("bleu", "exact_match", "perplexity")
     example_unit = "examples"
     eval_fields = ("max_length", "prompt_template", "eval_subset", "generation_subset", "max_new_tokens",
-                   "chunked_ce")
+                   "generation_batch_size", "chunked_ce")
     eval_pads = True  # batched greedy generation is left-padded
 
     # --- raw data -------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ class InstructionTask(Task):
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         order = sorted(range(len(items)), key=lambda i: -items[i].prompt_len)
         out: list[str] = [""] * len(items)
-        size = eval_batch_size(self.cfg)
+        size = self.cfg.generation_batch_size or eval_batch_size(self.cfg)
         with eval_mode(model), progress(len(items), desc, "example") as bar:
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
