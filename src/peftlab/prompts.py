@@ -193,9 +193,9 @@ class PromptEncoder:
             ids = self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
             if ids == ([self.end_of_turn_id] if self.end_of_turn_id is not None else []):
                 return
-        raise UserError(f"prompt_template: the model's chat template writes message {turn} (assistant) as {text[:60]!r}, "
-                        "not as its content followed by one end-of-turn token, so the turn cannot be learned "
-                        "exactly; use --set prompt_template=alpaca")
+        raise UserError(f"prompt_template: the model's chat template writes message {turn} (assistant) as "
+                        f"{text[:60]!r}, not as its content followed by one end-of-turn token, so the turn cannot be "
+                        "learned exactly; use --set prompt_template=alpaca")
 
     @staticmethod
     def _alpaca_pieces(example: Example) -> list[Piece]:
