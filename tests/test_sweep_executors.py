@@ -98,8 +98,8 @@ def test_parallel_runs_share_one_baseline_entry_written_whole(local_sweeps):
     entries = sorted(p.name for p in folder.iterdir())
     assert len(entries) == 1 and entries[0].endswith(".json")  # LoRA seeds share the base's evaluation
     json.loads((folder / entries[0]).read_text())  # whole, whoever wrote it
-    befores = {json.dumps(r.results["metrics"]["before"], sort_keys=True)
-               for r in _rows(local_sweeps["tmp"] / "parallel").values()}
+    metrics = _metrics(_rows(local_sweeps["tmp"] / "parallel")).values()
+    befores = {json.dumps(m["before"], sort_keys=True) for m in metrics}
     assert len(befores) == 1
 
 
@@ -243,7 +243,30 @@ def test_a_killed_driver_leaves_a_store_the_rerun_finishes(killed_parallel):
     assert after["seed2"] == before["seed2"]  # finished runs untouched
     assert killed_parallel["results_file"].stat().st_mtime_ns == killed_parallel["mtime"]
     assert "seed2: running" not in killed_parallel["rerun"].stdout
-    assert after["seed4"].attempts == 2 and after["seed4"].note.startswith("interrupted")
+    assert "seed4: running" in killed_parallel["rerun"].stdout  # requeued, then redone once
+    assert (after["seed4"].status, after["seed4"].attempts) == ("done", 2)
+    assert after["seed3"].status == "done"
+
+
+def test_ctrl_c_stops_the_parallel_runs_and_queues_them_again(seeds_file, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PEFTLAB_DATA_DIR": str(SHARED_DATA)}
+    with open(tmp_path / "log", "wb") as log:
+        driver = subprocess.Popen(_sweep_cmd(seeds_file, out, "--parallel", "2"), stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_for(lambda: {_status(out, "seed1"), _status(out, "seed2")} == {"running"} or driver.poll() is not None,
+                  300, "two runs to start")
+        pids = [_rows(out)[r].pid for r in ("seed1", "seed2")]
+        driver.send_signal(signal.SIGINT)  # to the driver alone: it must stop its runs itself
+        assert driver.wait(timeout=60) == 130
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert not any(_alive(pid) for pid in pids)
+    rows = _rows(out)
+    assert {rows[r].status for r in rows} == {"queued"}
+    assert rows["seed1"].note.startswith("interrupted") and rows["seed1"].attempts == 1
 
 
 # --- bad input: one line, exit 2, nothing written ---------------------------------------------------------------

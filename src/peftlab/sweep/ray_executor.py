@@ -47,10 +47,10 @@ def _check_reachable(address: str) -> None:
 def connect(ray: Any, address: str | None) -> bool:
     """Join the cluster at ``address`` or start a local instance; True when this call started Ray (so it stops
     it). A Ray already initialised in this process (a test, a notebook) is used as it is."""
-    if ray.is_initialized():
-        return False
     if address not in (None, "auto"):
         _check_reachable(address)
+    if ray.is_initialized():
+        return False
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -241,6 +241,7 @@ class Progress:
     status: str | None = None
     detail: str = ""
     run_wall_s: float | None = None
+    running: int = 0  # runs running now (several with a parallel executor)
 
 
 @dataclass
@@ -448,7 +449,7 @@ def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bo
                      for r in pending]
         eta = None if any(e is None for e in estimates) else parallel_seconds(estimates, executor.slots)
         return Progress(event, len(spec.runs), counts["done"], counts["failed"], len(pending),
-                        time.monotonic() - started, eta, **kw)
+                        time.monotonic() - started, eta, running=counts["running"], **kw)
 
     def finish(run_id: str, result: JobResult) -> None:
         state, detail = _record_result(out, run_id, result, store)
@@ -529,7 +530,7 @@ def format_progress(p: Progress) -> str:
     if p.event == "sweep_start":
         return f"sweep ({p.detail}): {state}" if p.detail else f"sweep: {state}"
     if p.event == "run_start":
-        return f"[{p.done + p.failed + 1}/{p.total}] {p.run_id}: running"
+        return f"[{p.done + p.failed + p.running + 1}/{p.total}] {p.run_id}: running"
     if p.event == "run_end":
         took = f" in {format_duration(p.run_wall_s)}" if p.run_wall_s is not None else ""
         return f"[{p.done + p.failed}/{p.total}] {p.run_id}: {p.status}{took} {p.detail}".rstrip() + f" · {state}"
