@@ -64,6 +64,7 @@ def run_mode(sweep_file: Path, out: Path, flags: list[str]) -> dict[str, Any]:
     from peftlab.sweep.store import SweepStore
 
     log = out.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "wb") as fh:
         code = subprocess.run([sys.executable, "-m", "peftlab", "sweep", str(sweep_file), "--output-dir", str(out),

@@ -121,7 +121,7 @@ def ray_instance():
 
 
 def _kill_worker_of(run_id: str, out: Path, stop: threading.Event) -> None:
-    """SIGKILL the Ray worker whose child trains ``run_id`` (the run's process dies with it)."""
+    """SIGKILL the worker (a Ray worker, a SLURM task) whose child trains ``run_id``; the run dies with it."""
     marker = str(out / "configs" / f"{run_id}.yaml").encode()
     while not stop.is_set():
         for proc in Path("/proc").iterdir():
@@ -183,6 +183,22 @@ def test_submitit_local_executor_gives_the_local_executors_store(seeds_file, loc
         {rid: (r.status, r.definition) for rid, r in local.items()}
     assert _metrics(slurm) == _metrics(local)
     assert {r.results["machine"]["executor"] for r in slurm.values()} == {"slurm"}
+
+
+def test_a_dead_slurm_job_is_a_failed_run_with_the_reason(tmp_path):
+    pytest.importorskip("submitit")
+    sweep = write_sweep(tmp_path / "s.yaml", {**SEEDS, "base": {**SEEDS["base"], "eval_before": False},
+                                              "grid": {"seed": [1]}})
+    out = tmp_path / "out"
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_worker_of, args=("seed1", out, stop), daemon=True)
+    killer.start()
+    try:
+        outcome = run_sweep(sweep, out, executor=build_executor("slurm", ExecutorOptions(slurm={"cluster": "local"})))
+    finally:
+        stop.set()
+    assert list(outcome.failed) == ["seed1"] and "the SLURM job" in outcome.failed["seed1"]
+    assert _rows(out)["seed1"].status == "failed"
 
 
 def test_a_slurm_worker_that_cannot_see_the_sweep_folder_says_so(tmp_path):
