@@ -205,7 +205,7 @@ def test_a_slurm_worker_that_cannot_see_the_sweep_folder_says_so(tmp_path):
     from peftlab.sweep.jobs import VISIBILITY_FILE, RunJob, run_job
 
     (tmp_path / VISIBILITY_FILE).write_text("another")
-    job = RunJob("r", ("true",), {}, tmp_path / "r.log", tmp_path / "runs" / "r", tmp_path, "mine")
+    job = RunJob("r", ("-c", "pass"), {}, tmp_path / "r.log", tmp_path / "runs" / "r", tmp_path, "mine")
     result = run_job(job)
     assert result.code is None and "is not visible from worker" in result.error
     assert "shares" in result.error and not (tmp_path / "r.log").exists()  # nothing started
@@ -338,8 +338,8 @@ def test_processes_in_a_sweep_file_takes_that_many_slots(tmp_path):
     assert "processes" not in spec.runs[1].config.model_dump()
     assert run_command(Path("c.yaml"), 2)[-2:] == ["--processes", "2"]
     pool = LocalExecutor(2, 1, ["0", "1"], 8)
-    two = RunJob("two", ("true",), {}, tmp_path / "l", tmp_path, tmp_path, "t", processes=2)
-    one = RunJob("one", ("true",), {}, tmp_path / "l", tmp_path, tmp_path, "t")
+    two = RunJob("two", ("-c", "pass"), {}, tmp_path / "l", tmp_path, tmp_path, "t", processes=2)
+    one = RunJob("one", ("-c", "pass"), {}, tmp_path / "l", tmp_path, tmp_path, "t")
     assert pool.has_room(two)
     pool.submit(two)
     assert not pool.has_room(one)  # both GPUs are the 2-process run's

@@ -29,7 +29,8 @@ class RunJob:
     """What a worker needs to start one run: all paths absolute, on the shared filesystem."""
 
     run_id: str
-    command: tuple[str, ...]
+    #: Python's arguments (``-m peftlab train --config FILE``): the worker runs them with its own interpreter.
+    python_args: tuple[str, ...]
     env: dict[str, str]
     log: Path
     run_dir: Path
@@ -87,8 +88,8 @@ def start_process(job: RunJob, extra_env: dict[str, str] | None = None) -> subpr
     job.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **job.env, **(extra_env or {})}
     with open(job.log, "wb") as fh:
-        return subprocess.Popen(list(job.command), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=die_with_parent(os.getpid()))
+        return subprocess.Popen([sys.executable, *job.python_args], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent(os.getpid()))
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:

@@ -374,7 +374,8 @@ def _job(out: Path, run: SweepRun, executor: Executor, token: str) -> RunJob:
            BASELINE_CACHE_ENV: str(out / "baselines")}  # runs of the sweep share their baseline evaluations
     if threads is not None:  # torchrun's ranks and libraries outside torch use the same share
         env["OMP_NUM_THREADS"] = str(threads)
-    return RunJob(run.id, tuple(run_command(config_path, run.processes)), env, out / "logs" / f"{run.id}.log",
+    python_args = tuple(run_command(config_path, run.processes)[1:])  # each worker starts its own Python
+    return RunJob(run.id, python_args, env, out / "logs" / f"{run.id}.log",
                   run_dir(out, run.id), out, token, run.processes, threads)
 
 
