@@ -3,7 +3,7 @@
 A sweep file::
 
     name: my-study                 # optional: shown in the report
-    calibration: my-study.json     # optional: measured run times per row (benchmarks/study_budget.py), used by
+    calibration: my-study.json     # optional: measured run times per row (`peftlab sweep --calibrate`), used by
                                    #   the estimates while the sweep folder has no calibration.json of its own
     base:                          # RunConfig fields shared by every run
       model: smollm2-135m
@@ -33,8 +33,9 @@ the file may give a ``slurm:`` block (``partition``, ``time`` in minutes, ``gpus
 
 The package: :mod:`~peftlab.sweep.spec` (the file -> validated runs), :mod:`~peftlab.sweep.store` (the SQLite
 store), :mod:`~peftlab.sweep.runner` (the driver: running, the ``--dry-run`` preview, estimates, progress),
-:mod:`~peftlab.sweep.jobs` (one run as a job a worker starts) and :mod:`~peftlab.sweep.executor` (where runs start:
-``local``, ``ray``, ``slurm``).
+:mod:`~peftlab.sweep.jobs` (one run as a job a worker starts), :mod:`~peftlab.sweep.executor` (where runs start:
+``local``, ``ray``, ``slurm``) and :mod:`~peftlab.sweep.calibrate` (``--calibrate``: one short run per row,
+projected to the full runs).
 """
 
 from peftlab.sweep.runner import (
