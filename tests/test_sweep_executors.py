@@ -405,14 +405,14 @@ def test_token_block_cache_under_two_writers(tmp_path):
 
 
 def _publish(target: str, queue) -> None:
-    from peftlab.models import _publish_atomically
+    from peftlab.models import publish_atomically
 
     def build(tmp: Path) -> None:
         for i in range(20):
             (tmp / f"part{i}.bin").write_bytes(os.urandom(50_000))
             time.sleep(0.01)
 
-    queue.put(str(_publish_atomically(build, Path(target))))
+    queue.put(str(publish_atomically(build, Path(target))))
 
 
 def test_model_conversion_cache_has_one_winner(tmp_path):
