@@ -199,22 +199,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from peftlab import sweep
+    from peftlab.sweep.executor import build_executor
 
     out = args.output_dir or str(Path("sweeps") / Path(args.sweep_file).stem)
     if args.calibrate:
         from peftlab.sweep.calibrate import cli_calibrate
 
         return cli_calibrate(args.sweep_file, out)
+    spec = sweep.load_sweep(args.sweep_file)  # a bad sweep file fails before any executor starts
+    executor = build_executor(args.executor, _executor_options(args), spec.slurm)
     if args.dry_run:
-        print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed)))
+        try:
+            print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed, executor.slots)))
+        finally:
+            executor.close()
         return 0
-    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed, on_progress=sweep.ProgressBar())
+    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed, on_progress=sweep.ProgressBar(),
+                              executor=executor)
     for run_id, error in outcome.failed.items():
         print(f"failed: {run_id}: {error} (log: {Path(out) / 'logs' / (run_id + '.log')})", file=sys.stderr)
     if outcome.failed:
         print(f"peftlab: {len(outcome.failed)} run(s) failed; fix the cause and rerun with --retry-failed",
               file=sys.stderr)
     return 1 if outcome.failed else 0
+
+
+def _executor_options(args: argparse.Namespace):
+    from peftlab.sweep.executor import ExecutorOptions
+
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "gpus_per_task": args.slurm_gpus_per_task,
+             "cpus_per_task": args.slurm_cpus_per_task, "array_parallelism": args.slurm_array_parallelism,
+             "cluster": args.slurm_cluster}
+    return ExecutorOptions(parallel=args.parallel, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+                           ray_address=args.ray_address, slurm=slurm)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -227,6 +244,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_executor_arguments(sweep: argparse.ArgumentParser) -> None:
+    """Where the sweep's runs start (docs/distributed.md: Sweeps on many GPUs and nodes)."""
+    group = sweep.add_argument_group("executor", "where each run's process starts (ray and slurm: "
+                                     "pip install 'peftlab[cluster]')")
+    group.add_argument("--executor", default="local", metavar="{local,ray,slurm}",
+                       help="local: slots on this machine (default); ray: one Ray task per run; slurm: one "
+                            "submitit job-array task per run")
+    group.add_argument("--parallel", type=int, metavar="N",
+                       help="runs at once (local default: one per visible GPU, 1 on CPU; ray: as many as fit)")
+    group.add_argument("--gpus-per-run", type=int, metavar="K", help="GPUs each run gets (default 1 with GPUs)")
+    group.add_argument("--cpus-per-run", type=int, metavar="C",
+                       help="ray: CPUs each run's task takes (its torch threads)")
+    group.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                       help="ray: join this cluster (default: start a local Ray instance)")
+    group.add_argument("--slurm-partition", help="slurm: the partition")
+    group.add_argument("--slurm-time", type=int, metavar="MINUTES", help="slurm: time limit per run")
+    group.add_argument("--slurm-gpus-per-task", type=int, metavar="K", help="slurm: GPUs per run")
+    group.add_argument("--slurm-cpus-per-task", type=int, metavar="C", help="slurm: CPUs per run")
+    group.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="slurm: runs at once (default 256)")
+    group.add_argument("--slurm-cluster", choices=("slurm", "local"),
+                       help="slurm: 'local' runs the same job code with submitit's local executor (no SLURM)")
+
+
 def _add_study_commands(sub: Any) -> None:
     sweep = sub.add_parser("sweep", help="run a grid of configs, each in its own process, recorded in a store")
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep file: base: config fields, grid: axes")
@@ -235,6 +275,7 @@ def _add_study_commands(sub: Any) -> None:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; run nothing")
     sweep.add_argument("--calibrate", action="store_true", help="time one short run per row on this machine and "
                        "write OUTPUT_DIR/calibration.json, which --dry-run and the ETA then use")
+    _add_executor_arguments(sweep)
     sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="tables, plots and an HTML report from a sweep's store")
     report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --output-dir of `peftlab sweep`")

@@ -12,7 +12,9 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -40,7 +42,8 @@ TRACKED_PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "b
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see either the old content or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # unique per process, host and call: writers on different nodes of a shared filesystem never share a temp file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
@@ -88,7 +91,10 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
                             "cpu": cpu_model_name(), "cpu_native_bf16": detect("cpu").native_bf16,
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            # where a sweep ran it (peftlab.sweep.jobs sets the executor)
+                            "host": socket.gethostname(), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "executor": os.environ.get("PEFTLAB_EXECUTOR")}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
         info["cuda_version"] = torch.version.cuda

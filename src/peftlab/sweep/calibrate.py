@@ -47,7 +47,7 @@ from peftlab.sweep.runner import (
     run_command,
     sweep_is_running,
 )
-from peftlab.sweep.spec import SweepRun, load_sweep
+from peftlab.sweep.spec import LAUNCH_FIELDS, SweepRun, load_sweep
 
 #: The short runs' folder inside the sweep folder, and the measurements kept there for a rerun.
 WORK_DIR = "calibration"
@@ -91,7 +91,7 @@ def sweep_rows(runs: list[SweepRun]) -> list[Row]:
 # --- one short run --------------------------------------------------------------------------------------------
 def short_fields(row: Row, run_dir: Path, short: ShortRun, generations: int | None) -> dict[str, Any]:
     """The row's config fields, cut short: S steps, E evaluation examples, G generations, the baseline on."""
-    fields = {k: v for k, v in row.run.fields.items() if k != "epochs"}
+    fields = {k: v for k, v in row.run.fields.items() if k != "epochs" and k not in LAUNCH_FIELDS}
     fields.update({"max_steps": short.steps, "eval_before": True, "output_dir": str(run_dir), "overwrite": True,
                    "eval_subset": min(row.config.eval_subset or short.eval_cap, short.eval_cap)})
     if generations is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,7 @@ def cached_blocks(split: DataSplit, tokenizer, block_size: int, text_column: str
     texts = [str(r[text_column]) for r in split.records if r.get(text_column) is not None]
     blocks = tokenize_to_blocks(texts, tokenizer, block_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp.npy")  # unique even across nodes
     np.save(tmp, blocks)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
