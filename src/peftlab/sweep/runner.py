@@ -21,7 +21,7 @@ import yaml
 from peftlab.baseline import CACHE_ENV as BASELINE_CACHE_ENV
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
-from peftlab.record import FAILED_FILE, RESULTS_FILE, SWEEP_WALL_FILE, FailedRecord, RunRecord, atomic_write_text
+from peftlab.record import SWEEP_WALL_FILE, FailedRecord, RunDir, RunRecord, atomic_write_text
 from peftlab.sweep.spec import SweepRun, SweepSpec, load_sweep
 from peftlab.sweep.store import SweepStore, now_iso
 
@@ -373,8 +373,7 @@ def run_command(config_path: Path) -> list[str]:
 def _execute(out: Path, run: SweepRun, store: SweepStore) -> tuple[str, str, float]:
     """Run one config in its own process and record the result. Returns (status, detail, wall seconds)."""
     rdir = run_dir(out, run.id)
-    for name in (RESULTS_FILE, FAILED_FILE):
-        (rdir / name).unlink(missing_ok=True)
+    RunDir(rdir).clear_outcome()
     config_path = _write_run_config(out, run)
     log = out / "logs" / f"{run.id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +397,7 @@ def _execute(out: Path, run: SweepRun, store: SweepStore) -> tuple[str, str, flo
             raise
     wall = time.monotonic() - start
     tail = output_tail(log)
-    if code == 0 and (rdir / RESULTS_FILE).is_file():
+    if code == 0 and RunRecord.exists(rdir):
         try:
             record = RunRecord.read(rdir)
         except UserError as exc:  # cut short or unreadable: the run failed, say why
