@@ -126,7 +126,7 @@ def load_and_wrap(cfg: RunConfig, task: Task, method: Method,
 
 
 def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: RunDir, accelerator,
-                 strategy: Strategy, extra_files: dict[str, str] | None = None) -> Path:
+                 strategy: Strategy) -> Path:
     """Save the adapter (peft format) or, for full fine-tuning, the whole model with its tokenizer.
 
     Rank 0 writes; a sharded model is first gathered onto rank 0 (a collective: every rank calls this)."""
@@ -139,8 +139,6 @@ def save_trained(model: nn.Module, loaded: LoadedModel, method: Method, run: Run
             kwargs["state_dict"] = gathered
         model.save_pretrained(target, safe_serialization=True, **kwargs)
         loaded.tokenizer.save_pretrained(target)
-        for name, text in (extra_files or {}).items():
-            (target / name).write_text(text, encoding="utf-8")
     accelerator.wait_for_everyone()
     return target
 
