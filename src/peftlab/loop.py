@@ -158,8 +158,9 @@ class TrainLoop:
     def prepare(self, model: nn.Module, resume: Resume | None) -> None:
         """Shard the model, build the optimizer and schedule, restore a checkpoint, wrap for the processes."""
         strategy, method = self.host.strategy, self.host.method
-        model = strategy.shard(model, self.host.precision, self.device)  # before the optimizer: FSDP's optimizer
-        optimizer = build_optimizer(model, method, self.cfg)  # holds the shards
+        # sharded before the optimizer is built: FSDP's optimizer holds the shards
+        model = strategy.shard(model, self.host.precision, self.device)
+        optimizer = build_optimizer(model, method, self.cfg)
         self.scheduler = build_scheduler(optimizer, self.cfg, self.total_steps)
         method.begin_training(model, self.total_steps)
         if resume is not None:

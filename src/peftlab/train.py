@@ -208,8 +208,8 @@ class Run:
     def execute(self) -> RunRecord:
         """Every step in order; a failure marks the run failed (failed.json) and is raised as a one-line error."""
         try:
-            tracking.start(self.accelerator, self.cfg, self.run_dir.path)  # --report-to: a missing package fails
-            self.load()                                                     # here, before the model
+            tracking.start(self.accelerator, self.cfg, self.run_dir.path)  # a missing tracker fails before the model
+            self.load()
             self.baseline()
             self.fit()
             self.final_eval()
