@@ -108,7 +108,7 @@ def load_and_wrap(cfg: RunConfig, task: Task, method: Method,
 
     The base model's newly initialised modules (a classification head) are trained and saved with the adapter.
     """
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base,
+    loaded = load_model(cfg, model_kind=task.model_kind, quantize_4bit=method.quantizes_base,
                         trainable_base=not method.is_peft, **(model_kwargs or {}))
     torch.manual_seed(cfg.seed)  # adapter initialisation
     model = method.apply(loaded.model, cfg, task.model_kind, loaded.new_modules)
