@@ -31,7 +31,7 @@ def adapter(tmp_path_factory) -> Path:
     text = tmp / "repetitive.txt"
     text.write_text(" the quick brown fox jumps over the lazy dog .\n" * 200, encoding="utf-8")
     results = run_training(load_config(None, tiny_overrides(tmp, method="lora", dataset=str(text),
-                                                            eval_dataset=str(text), **FAST)))
+                                                            eval_dataset=str(text), **FAST))).to_dict()
     return Path(results["run_dir"]) / "adapter"
 
 

@@ -196,11 +196,6 @@ def validation_messages(err: ValidationError) -> list[str]:
     return out
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """Every pydantic error of one validation in one actionable line naming the fields."""
-    return f"{source}: " + "; ".join(validation_messages(err))
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing or malformed file."""
     p = Path(path)

@@ -134,11 +134,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return build_config(data, str(path) if path else "command line")
 
 
-def method_field_default(method: str, name: str) -> Any:
-    """A method field's default (CLI help and the planner read it from the method's fields model)."""
-    return get_method(method).fields.model_fields[name].get_default(call_default_factory=True)
-
-
 def config_from_saved(config: dict[str, Any], source: str = SAVED_SOURCE) -> RunConfig:
     """A RunConfig from a stored config (results.json "config", a run's config.yaml), of today's schema or an older
     one that stored every method's fields: fields its method does not take, and nulls, are dropped."""

@@ -87,12 +87,12 @@ def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
 
 def check_recorded_labels(adapter: str | Path, labels: list[str] | None) -> None:
     """A classification adapter's head maps ids to the labels its run recorded; refuse a different label set."""
-    from peftlab.record import RESULTS_FILE, RunRecord
+    from peftlab.record import RunRecord
 
     run_dir = Path(adapter).expanduser().parent
-    if labels is None or not (run_dir / RESULTS_FILE).is_file():
+    if labels is None or not RunRecord.exists(run_dir):
         return
-    recorded = RunRecord.read(run_dir).data.model_dump().get("labels")  # the classification task's info block
+    recorded = getattr(RunRecord.read(run_dir).data, "labels", None)  # the classification task's info block
     if recorded is not None and list(recorded) != list(labels):
         raise UserError(f"adapter {str(adapter)!r} was trained on labels {', '.join(recorded)}, but this data's "
                         f"training split has {', '.join(labels)}; evaluate with the run's dataset")

@@ -162,13 +162,15 @@ def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = 
 
 
 def _write_merged_card(adapter: Path, out: Path, report: dict[str, Any]) -> None:
-    """The merged folder's model card: the adapter run's record plus the merge comparison."""
-    from peftlab.model_card import results_for_adapter, write_card
+    """The merged folder's model card: the adapter run's record (or, for an adapter outside a run folder, what the
+    merge knows: base and method) plus the merge comparison."""
+    from peftlab.model_card import write_card
+    from peftlab.record import MethodInfo, ModelInfo, RunRecord
 
-    results = results_for_adapter(adapter) or {"model": {"name": report["base_model"], "source": report["source"]},
-                                               "method": {"name": report["method"]}}
+    record = RunRecord.read_if_valid(adapter.expanduser().resolve().parent) or RunRecord(
+        model=ModelInfo(name=report["base_model"], source=report["source"]), method=MethodInfo(name=report["method"]))
     diff = report["merged_vs_adapter"]
-    write_card(out, results, title=f"{out.name} (merged)", library="transformers", extra_tags=("merge",),
+    write_card(out, record, title=f"{out.name} (merged)", library="transformers", extra_tags=("merge",),
                extra=[f"Merged from the adapter `{adapter.name}` with `peftlab merge`; merged vs base + adapter on "
                       f"a fixed {report['check_batch'][0]}x{report['check_batch'][1]} batch: max abs logit diff "
                       f"{diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}).", ""])

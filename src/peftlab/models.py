@@ -330,7 +330,7 @@ def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
         detach_from_checkpoint_file(model)
     else:
         model.to(device)
-    if precision.name == "bf16-mixed" and not trainable_base:
+    if precision.stores_base_in_bf16(trainable_base):
         cast_frozen_matmuls(model, keep=set(new_modules))
         # the fp32 weights still mapped from the checkpoint file (and touched by the cast) would otherwise stay
         # resident next to their bf16 copies

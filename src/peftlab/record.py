@@ -136,11 +136,16 @@ class RunDir:
             raise UserError(f"output_dir {str(path)!r} is a file; choose a folder")
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
-            stale = [RESULTS_FILE, FAILED_FILE] + ([] if resuming else [METRICS_FILE, EXAMPLES_FILE])
-            for name in stale:
+            run.clear_outcome()
+            for name in [] if resuming else [METRICS_FILE, EXAMPLES_FILE]:
                 (path / name).unlink(missing_ok=True)
             atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(reloadable_config(cfg), sort_keys=False))
         return run
+
+    def clear_outcome(self) -> None:
+        """Remove an earlier attempt's results.json or failed.json (before the folder runs again)."""
+        for name in (RESULTS_FILE, FAILED_FILE):
+            (self.path / name).unlink(missing_ok=True)
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         """Append one line to metrics.jsonl."""
@@ -361,6 +366,11 @@ class RunRecord(BaseModel):
                             "cut short or corrupted); rerun the run or remove the file") from None
         return cls.from_dict(data, source)
 
+    @staticmethod
+    def exists(run_dir: str | Path) -> bool:
+        """Whether the folder holds a results.json (a finished run's, or one that a reader will refuse)."""
+        return (Path(run_dir) / RESULTS_FILE).is_file()
+
     @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:
         """Load a finished run's results.json (schema 1 or 2)."""
@@ -393,6 +403,11 @@ class RunRecord(BaseModel):
         """The task's headline metric after training."""
         value = self.metrics.after.get(self.task.metric) if self.task.metric else None
         return value if isinstance(value, int | float) else None
+
+    def baseline_key(self) -> str | None:
+        """The key of the shared baseline evaluation this run's "before" metrics came from (peftlab.baseline)."""
+        key = (self.metrics.before or {}).get("baseline_key")
+        return str(key) if key else None
 
     def metric(self, key: str, stage: str = "after") -> float | None:
         """A numeric metric of the 'before' or 'after' evaluation, or None."""

@@ -53,5 +53,5 @@ class Full(Method):
                          activation_bytes_per_token_layer=a * (4 * h + arch.intermediate_size),
                          activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held,
                          # bf16-mixed: autocast's bf16 copies of the fp32 matmul weights live through the step
-                         autocast_copy_bytes=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
+                         autocast_copy_bytes=2 * arch.matmul_params() if plan_input.precision_traits.autocasts
                          else 0)

@@ -84,6 +84,8 @@ from peftlab.errors import UserError
 from peftlab.methods import get_method
 from peftlab.methods.base import DTYPE_BYTES, Method, PlanTerms
 from peftlab.plan.arch import Arch, arch_from_config, load_arch
+from peftlab.precision import Precision
+from peftlab.precision import named as precision_named
 
 GIB = 1024**3
 BARE_IMPORT_RSS_GIB = 0.415
@@ -155,6 +157,11 @@ class PlanInput:
             setattr(self, key, value)
 
     @property
+    def precision_traits(self) -> Precision:
+        """What the precision (a name here) means: its answers, from peftlab.precision."""
+        return precision_named(self.precision)
+
+    @property
     def method_object(self) -> Method:
         """The registered method this plan is for (one lookup, in ``__init__``)."""
         return self._method
@@ -162,12 +169,12 @@ class PlanInput:
     @property
     def dtype(self) -> str:
         """The compute dtype: what matmuls and saved activations use."""
-        return "float32" if self.precision == "fp32" else "bfloat16"
+        return "bfloat16" if self.precision_traits.is_bf16 else "float32"
 
     @property
     def master_dtype(self) -> str:
         """The dtype of trainable weights, their gradients and optimizer states (bf16 only under bf16-true)."""
-        return "bfloat16" if self.precision == "bf16-true" else "float32"
+        return "bfloat16" if self.precision_traits.is_bf16_true else "float32"
 
     @property
     def shards_parameters(self) -> bool:
@@ -225,8 +232,8 @@ def activation_bytes_per_token(arch: Arch, inp: PlanInput, terms: PlanTerms | No
     a = inp.method_object.activation_element_bytes(inp)
     h, i, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
     # bf16-mixed keeps the residual stream, so the norm inputs, in fp32; attention on CPU runs in fp32 under bf16
-    norm_a = 4 if inp.precision == "bf16-mixed" else a
-    attn_a = 4 if inp.device == "cpu" and inp.precision != "fp32" and inp.fp32_attention else a
+    norm_a = 4 if inp.precision_traits.autocasts else a
+    attn_a = 4 if inp.device == "cpu" and inp.precision_traits.is_bf16 and inp.fp32_attention else a
     layer = (norm_a * 2 * h + attn_a * (2 * q + 2 * kv) + a * 3 * i + 4 * (2 + arch.num_heads)
              + terms.activation_bytes_per_token_layer)
     head = a * h + terms.activation_bytes_per_token_head
@@ -252,7 +259,7 @@ def chunked_ce_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
 def default_base_bytes(arch: Arch, inp: PlanInput) -> int:
     """A frozen base at the run's precision: bf16-mixed stores the matmul weights in bf16 and keeps embeddings and
     norms fp32 (peftlab.precision.cast_frozen_matmuls); fp32 and bf16-true store everything in one dtype."""
-    if inp.precision == "bf16-mixed":
+    if inp.precision_traits.stores_base_in_bf16(trainable_base=False):
         matmuls = arch.matmul_params()
         return 2 * matmuls + 4 * (arch.total_params() - matmuls)
     return DTYPE_BYTES[inp.dtype] * arch.total_params()
@@ -368,7 +375,7 @@ def _fsdp_note(inp: PlanInput) -> str:
             f"{dtype} (one computing, one prefetched); the root group (embeddings, final norm, LM head) unsharded "
             f"from forward through backward; one layer's unsharded gradient ({master}) before its reduce-scatter; "
             "activations of one micro-batch of this process (batch_size per process); NCCL buffers not counted")
-    if inp.precision == "bf16-mixed":
+    if inp.precision_traits.needs_fp32_master:
         note += "; bf16-mixed as MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast copies"
     if inp.method_object.quantizes_base:
         note += "; a 4-bit base's layers are counted gathered in the compute dtype (an upper bound)"

@@ -12,7 +12,6 @@ from pathlib import Path
 from peftlab.record import (
     EXAMPLES_FILE,
     METRICS_FILE,
-    RESULTS_FILE,
     SWEEP_WALL_FILE,
     atomic_write_text,
     write_json,
@@ -119,7 +118,7 @@ def write_run_records(records, folder: Path) -> None:
     as done, with their measured wall times."""
     index = []
     for run in records.finished:
-        write_json(folder / run.id / RESULTS_FILE, run.record.to_dict())  # as the store holds it
+        run.record.write(folder / run.id)  # as the store holds it
         for name in RECORD_FILES:
             src = run.folder / name
             if src.is_file():

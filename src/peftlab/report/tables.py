@@ -445,8 +445,7 @@ def baseline_interval(runs: list[FinishedRun], spec, resamples: int = DEFAULT_RE
     number of evaluated units and their name; None without per-example values."""
     distinct: dict[str, FinishedRun] = {}
     for run in runs:
-        key = (run.record.metrics.before or {}).get("baseline_key")
-        distinct.setdefault(str(key) if key else run.id, run)
+        distinct.setdefault(run.record.baseline_key() or run.id, run)
     found = _seed_stats(list(distinct.values()), spec, "before")
     if found is None:
         return None

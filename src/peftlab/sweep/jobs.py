@@ -81,10 +81,9 @@ def visibility_error(sweep_dir: Path, token: str) -> str | None:
 
 def start_process(job: RunJob, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start the run's process with its output in the log; the caller waits for it."""
-    from peftlab.record import FAILED_FILE, RESULTS_FILE
+    from peftlab.record import RunDir
 
-    for name in (RESULTS_FILE, FAILED_FILE):
-        (job.run_dir / name).unlink(missing_ok=True)
+    RunDir(job.run_dir).clear_outcome()
     job.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **job.env, **(extra_env or {})}
     with open(job.log, "wb") as fh:

@@ -21,7 +21,7 @@ import yaml
 from peftlab.baseline import CACHE_ENV as BASELINE_CACHE_ENV
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
-from peftlab.record import RESULTS_FILE, SWEEP_WALL_FILE, FailedRecord, RunRecord, atomic_write_text
+from peftlab.record import SWEEP_WALL_FILE, FailedRecord, RunRecord, atomic_write_text
 from peftlab.sweep.executor import Executor, ExecutorOptions, build_executor
 from peftlab.sweep.jobs import VISIBILITY_FILE, JobResult, RunJob
 from peftlab.sweep.spec import LAUNCH_FIELDS, SweepRun, SweepSpec, load_sweep
@@ -388,7 +388,7 @@ def _record_result(out: Path, run_id: str, result: JobResult, store: SweepStore)
     if result.error is not None:
         store.mark_failed(run_id, result.error, wall, code, tail)
         return "failed", result.error
-    if code == 0 and (rdir / RESULTS_FILE).is_file():
+    if code == 0 and RunRecord.exists(rdir):
         try:
             record = RunRecord.read(rdir)
         except UserError as exc:  # cut short or unreadable: the run failed, say why
