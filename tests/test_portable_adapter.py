@@ -105,9 +105,11 @@ def test_portable_base_name() -> None:
 
 def test_card_says_the_base_was_dequantized_from_a_gguf() -> None:
     from peftlab.model_card import render
+    from peftlab.record import RunRecord
 
     def card(name: str) -> str:
-        return render({"model": {"name": name, "source": "/somewhere"}, "method": {"name": "lora"}})
+        return render(RunRecord.from_dict({"model": {"name": name, "source": "/somewhere"},
+                                           "method": {"name": "lora"}}))
 
     smollm2 = card("smollm2-135m")
     sentence = ("The base weights are `HuggingFaceTB/SmolLM2-135M-Instruct` dequantized from a Q4_1 GGUF file, not "
