@@ -79,3 +79,70 @@ def test_fp32_checkpoint_casts_before_moving_to_the_device(tmp_path, monkeypatch
     cfg = load_config(None, tiny_overrides(tmp_path, precision="bf16-mixed"))
     load_model(cfg)
     assert at_move == [{torch.bfloat16}]
+
+
+def test_qlora_with_fsdp_is_refused_on_every_device():
+    from peftlab.errors import UserError
+    from peftlab.methods import get_method
+    from peftlab.strategies import get_strategy
+
+    for device in ("cpu", "cuda"):
+        with pytest.raises(UserError, match="loses their quantization state"):
+            get_strategy("fsdp").check(get_method("qlora"), torch.device(device))
+    get_strategy("fsdp").check(get_method("lora"), torch.device("cuda"))  # LoRA stays allowed
+
+
+def test_one_rank_fsdp_binds_nccl_to_its_gpu_and_destroys_the_group_at_exit(monkeypatch):
+    from peftlab import fsdp
+
+    calls: dict = {}
+    monkeypatch.setattr(fsdp.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(fsdp.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(fsdp.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(fsdp.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(fsdp.torch.cuda, "set_device", lambda index: calls.update(set_device=index))
+    monkeypatch.setattr(fsdp.atexit, "register", lambda fn: calls.update(at_exit=fn))
+    assert fsdp.ensure_process_group(torch.device("cuda", 3)) == (0, 1)
+    assert calls["backend"] == "nccl" and calls["set_device"] == 3
+    assert calls["device_id"] == torch.device("cuda", 3)
+    assert calls["at_exit"] is fsdp.destroy_own_process_group
+
+
+def test_one_rank_group_is_destroyed_when_the_process_exits():
+    """A real gloo group in a child process: the exit handlers (which also run after an exception) destroy it."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, torch, torch.distributed as dist\nfrom peftlab import fsdp\n"
+              "print(fsdp.ensure_process_group(torch.device('cpu')), dist.is_initialized())\n"
+              "atexit._run_exitfuncs()\nprint('after exit handlers:', dist.is_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(0, 1) True" in proc.stdout and "after exit handlers: False" in proc.stdout, proc.stdout
+
+
+def test_rng_state_resumes_on_fewer_gpus(monkeypatch):
+    """A rank saves its own GPU's state; resuming on a machine with fewer GPUs (or from an older checkpoint that
+    saved all four) restores that GPU's state and nothing else."""
+    from peftlab import checkpoint
+
+    saved_state = torch.arange(16, dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(checkpoint.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(checkpoint.torch.cuda, "get_rng_state", lambda device="cuda": saved_state)
+    monkeypatch.setattr(checkpoint.torch.cuda, "get_rng_state_all",
+                        lambda: pytest.fail("every GPU's state must not be saved"))
+    monkeypatch.setattr(checkpoint.torch.cuda, "set_rng_state_all",
+                        lambda states: pytest.fail("set_rng_state_all fails with fewer GPUs"))
+    monkeypatch.setattr(checkpoint.torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    monkeypatch.setattr(checkpoint.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(checkpoint.torch.cuda, "device_count", lambda: 1)
+    cpu_state = torch.get_rng_state()
+    tensors, meta = checkpoint._rng_state()
+    assert [k for k in tensors if k.startswith("torch_cuda")] == ["torch_cuda"]
+    checkpoint._restore_rng(tensors, meta)
+    assert restored == [saved_state]
+    # an older checkpoint written on 4 GPUs, resumed on 1
+    old = {"torch_cpu": cpu_state, **{f"torch_cuda_{i}": saved_state + i for i in range(4)}}
+    checkpoint._restore_rng(old, meta)
+    assert torch.equal(restored[-1], saved_state)  # device 0's
