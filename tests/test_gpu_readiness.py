@@ -146,3 +146,76 @@ def test_rng_state_resumes_on_fewer_gpus(monkeypatch):
     old = {"torch_cpu": cpu_state, **{f"torch_cuda_{i}": saved_state + i for i in range(4)}}
     checkpoint._restore_rng(old, meta)
     assert torch.equal(restored[-1], saved_state)  # device 0's
+
+
+WITHOUT_TRL = """
+import importlib.metadata as metadata, runpy, sys
+sys.modules["trl"] = None  # `import trl` raises ImportError, as where TRL is not installed
+real_version = metadata.version
+def version(name):
+    if name == "trl":
+        raise metadata.PackageNotFoundError(name)
+    return real_version(name)
+metadata.version = version
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_trainer_contender_runs_without_trl(tmp_path, dtype):
+    """The HF Trainer row of the trainer benchmark imports and trains where TRL is absent (the GPU image), records
+    TRL as absent, and on bf16 weights keeps its adapters in bf16 (peftlab bf16-true's like)."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.conftest import REPO
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.integers(0, 1000, size=(4, 16)))
+    np.save(tmp_path / "eval.npy", rng.integers(0, 1000, size=(2, 16)))
+    out = tmp_path / "hf.json"
+    args = [str(REPO / "benchmarks" / "_contenders.py"), "hf", "--model-source", resolve_model_source("tiny-llama"),
+            "--train-blocks", str(tmp_path / "train.npy"), "--eval-blocks", str(tmp_path / "eval.npy"),
+            "--steps", "1", "--batch-size", "2", "--grad-accum", "2", "--dtype", dtype, "--bf16", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TRL, *args], capture_output=True, text=True, timeout=300,
+                          cwd=REPO / "benchmarks")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["versions"]["trl"] is None
+    assert np.isfinite(result["heldout"]["eval_loss"])
+    assert result["trainable_params"] > 0
+
+
+def test_trainer_benchmark_pairs_hf_and_peftlab_precisions_like_for_like(tmp_path, monkeypatch):
+    """HF bf16=True trains fp32 weights (against peftlab bf16-mixed); its -bf16true row trains bf16 weights."""
+    import argparse
+
+    from tests.conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_trainers
+
+    commands: dict[str, list[str]] = {}
+
+    def fake_run(cmd, log, env, timeout, cwd):
+        commands[log.stem] = cmd
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.write_text('{"heldout": {"eval_loss": 1.0}}')
+        return 0.0
+
+    monkeypatch.setattr(bench_trainers, "run_logged", fake_run)
+    args = argparse.Namespace(out=tmp_path, device="cuda", steps=1, batch_size=2, grad_accum=1, lr=1e-3, r=8,
+                              alpha=16, dropout=0.0, target_modules="q_proj", seed=0, timeout=10)
+    (tmp_path / "raw").mkdir()
+    paths = {"model_source": tmp_path, "train": tmp_path / "t.npy", "eval": tmp_path / "e.npy"}
+    for name in ("hf-trainer-lora-bf16", "hf-trainer-lora-bf16true"):
+        bench_trainers.run_baseline(args, name, name, paths, {})
+    dtype = {k: v[v.index("--dtype") + 1] for k, v in commands.items()}
+    assert dtype == {"hf-trainer-lora-bf16": "float32", "hf-trainer-lora-bf16true": "bfloat16"}
+    assert all("--bf16" in v for v in commands.values())
+    assert bench_trainers.peak_memory_gb([{"memory": {"peak_rss_gb": 9.0, "cuda_max_allocated_gb": 2.0}}]) == 2.0
+    assert bench_trainers.peak_memory_gb([{"memory": {"peak_rss_gb": 9.0}}]) == 9.0
