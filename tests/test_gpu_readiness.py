@@ -219,3 +219,44 @@ def test_trainer_benchmark_pairs_hf_and_peftlab_precisions_like_for_like(tmp_pat
     assert all("--bf16" in v for v in commands.values())
     assert bench_trainers.peak_memory_gb([{"memory": {"peak_rss_gb": 9.0, "cuda_max_allocated_gb": 2.0}}]) == 2.0
     assert bench_trainers.peak_memory_gb([{"memory": {"peak_rss_gb": 9.0}}]) == 9.0
+
+
+def test_chunked_loss_makes_no_host_sync_and_keeps_its_value(monkeypatch):
+    """A chunk without labels is computed (zeros), not skipped after a `bool(tensor)` host sync."""
+    from peftlab.losses import IGNORE_INDEX, chunked_linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    labels = torch.tensor([IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, 7])
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
+    ref_grads = torch.autograd.grad(expected, (hidden, weight))
+
+    def no_bool(self):
+        raise AssertionError("host sync: bool() of a tensor inside the loss")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_bool)
+    got = chunked_linear_cross_entropy(hidden, weight, labels, chunk=2)  # the first chunk has no labels
+    grads = torch.autograd.grad(got, (hidden, weight))
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_step_counts_are_taken_in_one_host_transfer(monkeypatch):
+    """The step's label and token counts match the task's own, counted on host copies."""
+    from peftlab.losses import IGNORE_INDEX, shifted_label_count, step_counts
+
+    class Task:
+        def loss_count(self, batch):
+            assert batch["labels"].device.type == "cpu"
+            return shifted_label_count(batch["labels"])
+
+        def tokens_in(self, batch):
+            return int(batch["attention_mask"].sum())
+
+    micro = [{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+              "labels": torch.tensor([[1, 2, IGNORE_INDEX, 4, 5], [1, IGNORE_INDEX, IGNORE_INDEX, 4, 5]])}] * 3
+    assert step_counts(Task(), micro) == (3 * (3 + 2), 30)

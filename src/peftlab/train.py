@@ -23,6 +23,7 @@ from peftlab.baseline import evaluate_before
 from peftlab.checkpoint import check_compatible, check_processes, load_checkpoint, resolve_resume
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
+from peftlab.losses import step_counts
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
 from peftlab.models import LoadedModel, load_model, resolve_device, resolve_precision
@@ -170,8 +171,7 @@ def optimizer_step(task: Task, model: nn.Module, micro: list[dict[str, torch.Ten
     process, so accumulation and data parallelism give the gradient of the global mean.
     """
     world = accelerator.num_processes
-    counts = torch.tensor([sum(task.loss_count(b) for b in micro), sum(task.tokens_in(b) for b in micro)],
-                          device=device, dtype=torch.float64)
+    counts = torch.tensor(step_counts(task, micro), device=device, dtype=torch.float64)
     if world > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     step_loss = torch.zeros((), device=device, dtype=torch.float64)
