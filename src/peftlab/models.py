@@ -329,6 +329,10 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
     kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                         dtype=torch.bfloat16 if direct_bf16 else dtype,
                         use_safetensors=None if cfg.allow_pickle else True)
+    if direct_bf16:
+        # read each file into memory rather than mapping it: the weights then need no copy out of the mapping
+        # (which, for a 7B model, holds the mapped and the copied bf16 weights at once: twice their size)
+        kwargs["disable_mmap"] = True
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(cfg, torch.bfloat16 if precision.is_bf16 else dtype)
         # Under DDP each rank loads onto its own GPU (accelerate has set the current device to the local rank).
@@ -366,7 +370,10 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         store_frozen_matmuls_in_bf16(model, set(new_modules), loaded_in_bf16=direct_bf16)
         # the fp32 weights still mapped from the checkpoint file (and touched by the cast) would otherwise stay
         # resident next to their bf16 copies
-        detach_from_checkpoint_file(model)
+        if not direct_bf16:
+            detach_from_checkpoint_file(model)
+        else:
+            release_freed_memory()  # the bf16 originals of the upcast tensors
     if not quantize_4bit:
         # after the cast, on the CPU: moving fp32 weights to the GPU first would leave the allocator holding blocks
         # of the fp32 size (the reserved peak) and need that much free GPU memory
