@@ -54,9 +54,31 @@ def normalise(dist: str) -> str:
     return dist.strip().lower().replace("_", "-").replace(".", "-")
 
 
+def with_requirements(dists: set[str]) -> set[str]:
+    """The distributions and, as installed here, everything they require (the image's own packages bring theirs
+    there, at the image's versions: huggingface-hub's HTTP client, for one)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, requires
+
+    seen, todo = set(), list(dists)
+    while todo:
+        dist = todo.pop()
+        if dist in seen:
+            continue
+        seen.add(dist)
+        try:
+            reqs = requires(dist) or []
+        except PackageNotFoundError:
+            continue
+        todo += [normalise(re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0]) for r in reqs if "extra ==" not in r]
+    return seen
+
+
 def blocked_modules() -> set[str]:
-    """Top-level modules installed here whose distributions are neither on the device image nor carried."""
-    allowed = package_list("gpu_image_packages.txt") | package_list("gpu_carry_packages.txt") | {"peftlab"}
+    """Top-level modules installed here whose distributions are neither on the device image (or required by its
+    packages) nor carried."""
+    allowed = (with_requirements(package_list("gpu_image_packages.txt")) | package_list("gpu_carry_packages.txt")
+               | {"peftlab"})
     return {module for module, dists in packages_distributions().items()
             if not any(normalise(d) in allowed for d in dists) and module not in sys.stdlib_module_names}
 
