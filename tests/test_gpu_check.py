@@ -34,6 +34,17 @@ class _NotOnTheDeviceImage:
 
 
 sys.meta_path.insert(0, _NotOnTheDeviceImage())
+import importlib.util  # noqa: E402
+
+_find_spec = importlib.util.find_spec
+
+
+def _probe(name, package=None):
+    """Availability probes (``find_spec(name) is not None``) see a blocked package as absent, as there."""
+    return None if name.partition(".")[0] in BLOCKED else _find_spec(name, package)
+
+
+importlib.util.find_spec = _probe
 
 
 def _record():
