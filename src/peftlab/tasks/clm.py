@@ -16,7 +16,7 @@ from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum, label_counts, loss_rows, shifted_label_count
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task, task_fields
 from peftlab.tasks.common import (
     check_positions,
     eval_batch_size,
@@ -131,6 +131,8 @@ class CausalLMTask(Task):
 
     name = "clm"
     order = 0
+    fields = task_fields("ClmFields", "text_column", "block_size", "max_new_tokens", "sample_prompt",
+                         training_only=("sample_prompt",))
     metrics = (MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f",
                           statistic=Statistic("exp_ratio", "blocks", ("nll", "tokens"))),)
     table_metrics = ()

@@ -28,7 +28,6 @@ from peftlab.losses import (
     shift_labels,
     shifted_label_count,
 )
-from peftlab.methods import get_method
 from peftlab.prompts import (
     Encoded,
     Example,
@@ -41,7 +40,7 @@ from peftlab.prompts import (
     pad_batch,
 )
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task, task_fields
 from peftlab.tasks.common import (
     check_positions,
     columns_of,
@@ -186,6 +185,9 @@ class InstructionTask(Task):
 
     name = "instruction"
     order = 2
+    fields = task_fields("InstructionFields", "max_length", "prompt_template", "packing", "max_new_tokens",
+                         "generation_subset", "generation_batch_size", training_only=("packing",),
+                         needs={"packing": "packing"})
     metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True,
                           statistic=Statistic("mean", "generations", ("rougeL",))),
                MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),  # corpus-level
@@ -196,7 +198,7 @@ class InstructionTask(Task):
     table_metrics = ("bleu", "exact_match", "perplexity")
     example_unit = "examples"
     eval_fields = ("max_length", "prompt_template", "eval_subset", "generation_subset", "max_new_tokens",
-                   "chunked_ce")
+                   "generation_batch_size", "chunked_ce")
     eval_pads = True  # batched greedy generation is left-padded
 
     # --- raw data -------------------------------------------------------------------------------------------
@@ -219,8 +221,6 @@ class InstructionTask(Task):
         check_positions(model, cfg.max_length + cfg.max_new_tokens,
                         f"max_length {cfg.max_length} + max_new_tokens {cfg.max_new_tokens}",
                         "lower --max-length or max_new_tokens")
-        if cfg.packing:
-            get_method(cfg.method).check_supports("packing")
         template = choose_template(cfg.prompt_template, tokenizer)
         encoder = PromptEncoder(tokenizer, template, cfg.max_length)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
@@ -292,7 +292,7 @@ class InstructionTask(Task):
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         order = sorted(range(len(items)), key=lambda i: -items[i].prompt_len)
         out: list[str] = [""] * len(items)
-        size = eval_batch_size(self.cfg)
+        size = self.cfg.generation_batch_size or eval_batch_size(self.cfg)
         with eval_mode(model), progress(len(items), desc, "example") as bar:
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
