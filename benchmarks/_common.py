@@ -229,7 +229,7 @@ def fmt(value: float | None, spec: str) -> str:
 # Random-initialised models for the memory benchmarks
 
 
-def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
+def random_llama_dir(shape: dict[str, int], seed: int = 0, dtype: str = "float32") -> Path:
     """A random-initialised Llama of ``shape`` (hidden_size, intermediate_size, num_hidden_layers,
     num_attention_heads, num_key_value_heads, tie_word_embeddings) saved as a local model folder (safetensors,
     config.json, tokenizer) under peftlab's cache (``$PEFTLAB_CACHE`` or ~/.cache/peftlab)/bench-models, built once
@@ -238,6 +238,9 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
     The tokenizer is SmolLM2's, the one the offline setup has (what tiny-llama uses), so the vocabulary is its
     49,152 entries: a 32,000-entry embedding (TinyLlama's) would meet token ids it does not have. Memory checks are
     unaffected: the planner reads this same config.json.
+
+    ``dtype`` "bfloat16" builds and stores the weights in bf16 from the start (a 7B model is never materialised in
+    fp32, 27 GB), saved in shards of 2 GB.
     """
     from transformers import AutoModelForCausalLM
 
@@ -249,27 +252,29 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
     key = (f"h{shape['hidden_size']}-i{shape['intermediate_size']}-l{shape['num_hidden_layers']}-"
            f"a{shape['num_attention_heads']}-kv{shape['num_key_value_heads']}-"
            f"{'tied' if shape['tie_word_embeddings'] else 'untied'}")
-    target = cache_dir() / "bench-models" / f"llama-{key}-v{vocab}-seed{seed}"
+    suffix = "" if dtype == "float32" else f"-{dtype}"  # fp32 folders keep their earlier names
+    target = cache_dir() / "bench-models" / f"llama-{key}-v{vocab}-seed{seed}{suffix}"
 
     def build(tmp: Path) -> None:
+        # dtype at construction: the parameters are created and initialised in it, never in fp32 first
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         del model
         shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
 
     return publish_atomically(build, target)
 
 
-def random_llama_dir_built_apart(shape: dict[str, int], seed: int = 0) -> Path:
+def random_llama_dir_built_apart(shape: dict[str, int], seed: int = 0, dtype: str = "float32") -> Path:
     """:func:`random_llama_dir`, built in a child process: building a 1B model leaves several GB in the builder's
     heap, which the benchmark's own process must not hold while its training processes are measured."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(random_llama_dir, shape, seed).result()
+        return pool.submit(random_llama_dir, shape, seed, dtype).result()
 
 
 def random_llama_config(shape: dict[str, int]):

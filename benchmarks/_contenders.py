@@ -154,7 +154,8 @@ def train_with(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                   seed=args.seed, save_strategy="no", report_to="none", bf16=args.bf16,
                   use_cpu=device.type == "cpu")  # without it, bf16=True is refused on a CPU-only machine
     if kind == "hf":
-        model = get_peft_model(model, lora_config(args))
+        # on bf16 weights the adapters stay bf16 too, as peftlab's bf16-true keeps them (peft upcasts by default)
+        model = get_peft_model(model, lora_config(args), autocast_adapter_dtype=args.dtype == "float32")
         ids = train_blocks.tolist()
         columns = {"input_ids": ids, "attention_mask": np.ones_like(train_blocks).tolist(),
                    "labels": [list(row) for row in ids]}
@@ -181,29 +182,52 @@ def train_with(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     memory = memory_report(device)
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    held = heldout_loss(trainer.model, eval_blocks, args.eval_batch_size, device)
+    with eval_context(args.bf16 and args.dtype == "float32", device):  # evaluated in the precision it trained in
+        held = heldout_loss(trainer.model, eval_blocks, args.eval_batch_size, device)
     import transformers
-    import trl
 
     return {"contender": kind, "step_end_s": clock.ends, "tokens_cum": clock.tokens, "load_time_s": load_time,
             "memory": memory, "heldout": held, "trainable_params": trainable, "torch_threads": torch.get_num_threads(),
-            "versions": {"transformers": transformers.__version__, "trl": trl.__version__, "torch": torch.__version__},
+            "versions": {"transformers": transformers.__version__, "trl": installed_version("trl"),
+                         "torch": torch.__version__},
             "optimizer": optimizer_info(trainer.optimizer), "train_loss_mean": output.training_loss,
             "precision": "bf16 autocast (bf16=True)" if args.bf16 else args.dtype,
             "train_blocks": int(len(train_blocks)), "eval_blocks": int(len(eval_blocks))}
 
 
+def installed_version(package: str) -> str | None:
+    """A package's installed version, None where it is absent (TRL is not on the GPU check's image)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def eval_context(bf16_autocast: bool, device: torch.device):
+    """bf16 autocast for a run trained in mixed precision (fp32 weights, bf16 matmuls), nothing otherwise."""
+    from contextlib import nullcontext
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_autocast else nullcontext()
+
+
 def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
-    """Held-out loss of a finished peftlab run, loading its artifact with transformers/peft (not peftlab)."""
+    """Held-out loss of a finished peftlab run, loading its artifact with transformers/peft (not peftlab), in the
+    precision the run trained in: fp32 weights under bf16 autocast for bf16-mixed, bf16 weights for bf16-true."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peftlab.precision import Precision, compute_context, weight_dtype
 
     device = torch.device(args.device)
     run = Path(args.run_dir)
     from peftlab.record import RunRecord  # the one reader of results.json
 
     results = RunRecord.read(run).to_dict()
-    dtype = DTYPES[results["model"]["dtype"]]
+    recorded = results["model"].get("precision") or "fp32"
+    precision = Precision(recorded, recorded, "as recorded by the run")
+    dtype = weight_dtype(precision)
     method = results["method"]["name"]
     from peftlab.methods import get_method
 
@@ -216,14 +240,15 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
             cfg = results["config"]
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=cfg["quant_type"], bnb_4bit_use_double_quant=cfg["double_quant"],
-                bnb_4bit_compute_dtype=dtype)
+                bnb_4bit_compute_dtype=torch.bfloat16 if precision.is_bf16 else dtype)
             kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
         base = AutoModelForCausalLM.from_pretrained(args.model_source, **kwargs)
         if not quantizes_base:
             base = base.to(device)
         model = PeftModel.from_pretrained(base, run / "adapter")
-    held = heldout_loss(model, np.load(args.eval_blocks), args.eval_batch_size, device)
-    return {"heldout": held, "method": method}
+    with compute_context(precision, device.type):
+        held = heldout_loss(model, np.load(args.eval_blocks), args.eval_batch_size, device)
+    return {"heldout": held, "method": method, "precision": precision.name}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -47,8 +47,10 @@ FP32_CONTENDERS = ("peftlab-lora", "peftlab-lora-2proc", "hf-trainer-lora", "trl
                    "peftlab-qlora")
 BF16_SUFFIX = "-bf16"  # peftlab --precision bf16-mixed (QLoRA: bf16 compute); HF Trainer / TRL bf16=True
 BF16_TRUE_SUFFIX = "-bf16true"  # peftlab --precision bf16-true (every weight and state in bf16)
+#: Like for like: HF Trainer bf16=True on fp32 weights (autocast) against peftlab bf16-mixed, HF Trainer on bf16
+#: weights against peftlab bf16-true; each evaluated in the precision it trained in.
 BF16_CONTENDERS = ("peftlab-lora-bf16", "hf-trainer-lora-bf16", "trl-sft-lora-bf16", "peftlab-qlora-bf16",
-                   "peftlab-full-bf16", "peftlab-lora-bf16true")
+                   "peftlab-full-bf16", "peftlab-lora-bf16true", "hf-trainer-lora-bf16true")
 CONTENDERS = FP32_CONTENDERS + BF16_CONTENDERS
 OURS_LORA = ("peftlab-lora", "peftlab-lora-2proc")  # one process with all threads; two processes of one share each
 MULTI_PROCESS_SUFFIX = "-2proc"
@@ -182,7 +184,7 @@ def run_baseline(args: argparse.Namespace, name: str, tag: str, paths: dict[str,
     out = args.out / "raw" / f"{tag}.json"
     cmd = worker(kind, "--model-source", str(paths["model_source"]), "--train-blocks", str(paths["train"]),
                  "--eval-blocks", str(paths["eval"]), "--device", args.device,
-                 "--dtype", "bfloat16" if args.device == "cuda" else "float32", "--steps", str(args.steps),
+                 "--dtype", "bfloat16" if name.endswith(BF16_TRUE_SUFFIX) else "float32", "--steps", str(args.steps),
                  "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--lr", str(args.lr),
                  "--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
                  "--target-modules", args.target_modules, "--seed", str(args.seed), "--out", str(out),
@@ -199,6 +201,15 @@ def measure_gemm(args: argparse.Namespace, env: dict[str, str], tag: str, dtype:
     return json.loads(out.read_text())
 
 
+def peak_memory_gb(runs: list[dict[str, Any]]) -> float | None:
+    """The memory a row is compared by: CUDA max allocated on a GPU (host RSS there is the Python process, not the
+    training), the peak RSS on a CPU."""
+    cuda = [r["memory"].get("cuda_max_allocated_gb") for r in runs]
+    if any(v is not None for v in cuda):
+        return max(v for v in cuda if v is not None)
+    return max((r["memory"].get("peak_rss_gb") or 0.0) for r in runs) or None
+
+
 def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: float) -> dict[str, Any]:
     """One table row from a contender's runs: medians over repeats, spreads over all post-warm-up steps."""
     summaries = [summarise_steps(r["step_end_s"], r["tokens_cum"]) for r in runs]
@@ -210,7 +221,7 @@ def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: 
     return {
         "contender": name,
         "method": method_of(name),
-        "precision": peftlab_precision(name) if name.startswith("peftlab") else "bf16" if is_bf16(name) else "fp32",
+        "precision": peftlab_precision(name),
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_runs": speeds,
         "step_time_median_s": statistics.median(steady) if steady else None,
@@ -218,6 +229,7 @@ def aggregate(name: str, runs: list[dict[str, Any]], flops: float, peak_gflops: 
         "step_time_max_s": max(steady) if steady else None,
         "steps_timed": len(steady),
         "peak_rss_gb": max((r["memory"].get("peak_rss_gb") or 0.0) for r in runs) or None,
+        "peak_memory_gb": peak_memory_gb(runs),
         "cuda_max_allocated_gb": first["memory"].get("cuda_max_allocated_gb"),
         "cuda_max_reserved_gb": first["memory"].get("cuda_max_reserved_gb"),
         "eval_loss": first["heldout"]["eval_loss"],
@@ -249,7 +261,7 @@ def bf16_checks(rows: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> list
             if rows.get(other):
                 value = ratio(ours["tokens_per_s"], rows[other]["tokens_per_s"])
                 ratios[f"peftlab-lora-bf16 / {other}"] = {
-                    "tokens_per_s": value, "peak_rss": ratio(ours["peak_rss_gb"], rows[other]["peak_rss_gb"]),
+                    "tokens_per_s": value, "peak_memory": ratio(ours["peak_memory_gb"], rows[other]["peak_memory_gb"]),
                     "eval_loss_rel_diff": ratio(ours["eval_loss"] - rows[other]["eval_loss"],
                                                 rows[other]["eval_loss"])}
                 if value is not None:
@@ -265,6 +277,12 @@ def bf16_checks(rows: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> list
             if value["tokens_per_s"] is not None:
                 checks.append({"check": "peftlab-qlora-bf16 >= 0.8x peftlab-lora-bf16 tokens/s",
                                "value": value["tokens_per_s"], "pass": value["tokens_per_s"] >= 0.8})
+    ours_true, hf_true = rows.get("peftlab-lora-bf16true"), rows.get("hf-trainer-lora-bf16true")
+    if ours_true and hf_true:  # bf16 weights on both sides
+        ratios["peftlab-lora-bf16true / hf-trainer-lora-bf16true"] = {
+            "tokens_per_s": ratio(ours_true["tokens_per_s"], hf_true["tokens_per_s"]),
+            "peak_memory": ratio(ours_true["peak_memory_gb"], hf_true["peak_memory_gb"]),
+            "eval_loss_rel_diff": ratio(ours_true["eval_loss"] - hf_true["eval_loss"], hf_true["eval_loss"])}
     for name, row in rows.items():  # every bf16 row's eval loss against its fp32 twin's
         twin = rows.get(name.removesuffix(BF16_SUFFIX).removesuffix(BF16_TRUE_SUFFIX)) if is_bf16(name) else None
         if twin:
@@ -289,7 +307,7 @@ def comparisons(rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], list[d
             r = ratios[f"{name} / {base}"] = {
                 "tokens_per_s": ratio(ours["tokens_per_s"], other["tokens_per_s"]),
                 "step_time_speedup": ratio(other["step_time_median_s"], ours["step_time_median_s"]),
-                "peak_rss": ratio(ours["peak_rss_gb"], other["peak_rss_gb"]),
+                "peak_memory": ratio(ours["peak_memory_gb"], other["peak_memory_gb"]),
                 "eval_loss_rel_diff": ratio(ours["eval_loss"] - other["eval_loss"], other["eval_loss"]),
             }
             key = "HF Trainer" if base.startswith("hf") else "TRL"
@@ -354,7 +372,7 @@ def markdown(report: dict[str, Any]) -> str:
         for name, r in report["ratios"].items():
             diff = r.get("eval_loss_rel_diff")
             lines.append(f"| {name} | {fmt(r.get('tokens_per_s'), '.2f')}x | "
-                         f"{fmt(r.get('step_time_speedup'), '.2f')}x | {fmt(r.get('peak_rss'), '.2f')}x | "
+                         f"{fmt(r.get('step_time_speedup'), '.2f')}x | {fmt(r.get('peak_memory'), '.2f')}x | "
                          f"{'-' if diff is None else f'{100 * diff:+.2f}%'} |".replace("-x", "-"))
     if report["checks"]:
         lines += ["", "| issue 7 check | value | pass |", "|---|---|---|"]

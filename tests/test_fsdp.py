@@ -183,7 +183,7 @@ def test_a_sharded_checkpoint_missing_a_rank_is_not_valid(tmp_path):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--method", "ia3"], "method 'ia3' does not support --strategy fsdp"),
-    (["--method", "qlora"], "--strategy fsdp with method 'qlora' needs CUDA"),
+    (["--method", "qlora"], "--strategy fsdp with method 'qlora' is refused: FSDP2 turns 4-bit"),
     (["--method", "lora", "--strategy", "zero3"], "strategy"),
 ])
 def test_fsdp_refusals_are_one_line(extra, message, tmp_path):

@@ -79,17 +79,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
+        # this process's GPU only: a rank that saved every visible GPU's state could not resume on fewer GPUs
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return tensors, {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
 
 
 def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():
+        # earlier checkpoints saved every visible GPU's state ("torch_cuda_<i>"): take this GPU's
+        state = tensors.get("torch_cuda", tensors.get(f"torch_cuda_{torch.cuda.current_device()}"))
+        if state is not None:
+            torch.cuda.set_rng_state(state)
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = meta["numpy"]

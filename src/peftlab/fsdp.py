@@ -15,6 +15,8 @@ SUM-then-divide is correct on every backend. ``tests/test_fsdp.py`` checks the r
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,11 +26,27 @@ from peftlab.precision import Precision
 
 
 def ensure_process_group(device: torch.device) -> tuple[int, int]:
-    """(rank, world size), starting a one-process group when none runs (FSDP2 needs one even alone)."""
+    """(rank, world size), starting a one-process group when none runs (FSDP2 needs one even alone).
+
+    On CUDA the group is bound to the run's GPU (``set_device`` and ``device_id``: NCCL otherwise guesses the device
+    from the rank), and a group started here is destroyed when the process exits, however it exits short of a kill.
+    """
     if not dist.is_initialized():
+        options: dict = {}
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_device(index)
+            options["device_id"] = torch.device("cuda", index)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **options)
+        atexit.register(destroy_own_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def destroy_own_process_group() -> None:
+    """Destroy the one-process group :func:`ensure_process_group` started (no-op when it is already gone)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def mixed_precision_policy(precision: Precision):

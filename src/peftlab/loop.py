@@ -22,6 +22,7 @@ from peftlab import tracking
 from peftlab.checkpoint import check_processes, load_checkpoint
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
+from peftlab.losses import step_counts
 from peftlab.measure import Stopwatch
 from peftlab.methods import Method
 from peftlab.precision import Precision, compute_context
@@ -218,8 +219,7 @@ class TrainLoop:
         task, model, accelerator, device = self.task, self.model, self.accelerator, self.device
         precision, strategy = self.host.precision, self.host.strategy
         world = accelerator.num_processes
-        counts = torch.tensor([sum(task.loss_count(b) for b in micro), sum(task.tokens_in(b) for b in micro)],
-                              device=device, dtype=torch.float64)
+        counts = torch.tensor(step_counts(task, micro), device=device, dtype=torch.float64)  # one host copy
         if world > 1:
             counts = accelerator.reduce(counts, reduction="sum")
         step_loss = torch.zeros((), device=device, dtype=torch.float64)

@@ -61,6 +61,21 @@ def loss_rows(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = 
     return per_token.view(labels.shape).sum(dim=1)
 
 
+def step_counts(task, micro: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(items the loss sums over, real tokens) of one optimizer step's micro-batches, as ``task`` counts them.
+
+    The counts are taken from host copies of the batches' integer tensors, made in one transfer before the step's
+    first forward pass: asking the task for each count on accelerator tensors would synchronise the host with the
+    device twice per micro-batch.
+    """
+    on_device = any(t.device.type != "cpu" for b in micro for t in b.values())
+    host = [{k: (t.to("cpu", non_blocking=True) if not t.is_floating_point() else t) for k, t in b.items()}
+            for b in micro] if on_device else micro
+    if on_device and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies have landed
+    return sum(task.loss_count(b) for b in host), sum(task.tokens_in(b) for b in host)
+
+
 def label_counts(labels: torch.Tensor) -> list[int]:
     """Tokens that carry loss per sequence (as :func:`shifted_label_count`, row by row)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
@@ -106,9 +121,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.size(0), chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
             y = labels[start:start + chunk]
-            valid = y != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
+            valid = y != IGNORE_INDEX  # a chunk without labels adds zeros: skipping it would cost a host sync
             safe_y = torch.where(valid, y, torch.zeros_like(y))
             logits = _logits_buffer(h.size(0), weight.size(0), compute_dtype, h.device)
             torch.mm(h, weight_c.T, out=logits)

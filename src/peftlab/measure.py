@@ -74,6 +74,9 @@ class MemoryMeter:
         self._reset_ok = reset_peak_rss()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            # blocks freed earlier (the load's temporaries) would otherwise stay reserved and set this phase's
+            # reserved peak
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def stop(self) -> PhasePeak:
@@ -134,7 +137,7 @@ def parameter_counts(model: nn.Module) -> dict[str, float]:
     for param in model.parameters():
         n = param.numel()
         if type(param).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values are packed per stored byte
+            n *= 8 * param.element_size() // 4  # 4-bit values packed into the storage dtype (uint8 or bf16)
         total += n
         if param.requires_grad:
             trainable += n

@@ -22,7 +22,7 @@ from torch import nn
 
 from peftlab.attention import use_fp32_attention
 from peftlab.errors import UserError
-from peftlab.precision import Precision, cast_frozen_matmuls, weight_dtype
+from peftlab.precision import Precision, cast_frozen_matmuls, frozen_matmuls, weight_dtype
 from peftlab.precision import for_device as precision_for_device
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -277,6 +277,43 @@ def release_freed_memory() -> None:
         pass
 
 
+def stored_float_dtypes(source: str, revision: str | None = None) -> set[str]:
+    """The floating dtypes a checkpoint stores ('BF16', 'F32', ...), read from its safetensors headers without
+    loading a tensor; empty when its safetensors files are not on this machine (a hub id not in the cache)."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, revision=revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors"]))
+        except Exception:  # not cached (or not a hub id): unknown, so the caller keeps its fp32 path
+            return set()
+    dtypes: set[str] = set()
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as fh:
+            dtypes.update(fh.get_slice(key).get_dtype() for key in fh.keys())
+    return {d for d in dtypes if d.startswith(("F", "BF"))}
+
+
+def store_frozen_matmuls_in_bf16(model: nn.Module, keep: set[str], loaded_in_bf16: bool) -> None:
+    """bf16-mixed with a frozen base: the matmul weights in bf16, everything else in fp32 (on the model's current
+    device, before it moves). A model loaded in fp32 casts its linears down; one loaded in bf16 (a bf16 checkpoint)
+    upcasts the rest instead, which gives the same tensors without ever holding an fp32 copy of a linear."""
+    if not loaded_in_bf16:
+        cast_frozen_matmuls(model, keep=keep)
+        return
+    stays_bf16 = set(frozen_matmuls(model, keep))
+    for module in model.modules():
+        if module in stays_bf16:
+            continue
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+
+
 def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
                num_labels: int | None = None, label_names: list[str] | None = None,
                trainable_base: bool = False) -> LoadedModel:
@@ -293,8 +330,18 @@ def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
     source = resolve_model_source(cfg.model)
     _check_weight_format(source, cfg.allow_pickle)
     tokenizer = load_tokenizer(source, cfg)
-    kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+    bf16_matmuls = precision.stores_base_in_bf16(trainable_base)
+    # A bf16 checkpoint whose frozen matmuls stay bf16 loads in bf16 (the rest is upcast after): loading it in fp32
+    # would hold an fp32 copy of every linear only to cast it back (27 GB for a 7B model).
+    direct_bf16 = (bf16_matmuls and not quantize_4bit and model_kind == "causal_lm"
+                   and stored_float_dtypes(source, cfg.revision) == {"BF16"})
+    kwargs: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                        dtype=torch.bfloat16 if direct_bf16 else dtype,
                         use_safetensors=None if cfg.allow_pickle else True)
+    if direct_bf16:
+        # read each file into memory rather than mapping it: the weights then need no copy out of the mapping
+        # (which, for a 7B model, holds the mapped and the copied bf16 weights at once: twice their size)
+        kwargs["disable_mmap"] = True
     if quantize_4bit:
         kwargs["quantization_config"] = quantization_config(cfg, torch.bfloat16 if precision.is_bf16 else dtype)
         # Under DDP each rank loads onto its own GPU (accelerate has set the current device to the local rank).
@@ -325,16 +372,21 @@ def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
         raise UserError(f"model {cfg.model!r} cannot be used for {model_kind} ({_first_line(exc)})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if quantize_4bit:
+    if quantize_4bit:  # already on its device (device_map)
         disable_cpu_inference_packing(model)
         detach_from_checkpoint_file(model)
-    else:
-        model.to(device)
-    if precision.stores_base_in_bf16(trainable_base):
-        cast_frozen_matmuls(model, keep=set(new_modules))
+    if bf16_matmuls:
+        store_frozen_matmuls_in_bf16(model, set(new_modules), loaded_in_bf16=direct_bf16)
         # the fp32 weights still mapped from the checkpoint file (and touched by the cast) would otherwise stay
         # resident next to their bf16 copies
-        detach_from_checkpoint_file(model)
+        if not direct_bf16:
+            detach_from_checkpoint_file(model)
+        else:
+            release_freed_memory()  # the bf16 originals of the upcast tensors
+    if not quantize_4bit:
+        # after the cast, on the CPU: moving fp32 weights to the GPU first would leave the allocator holding blocks
+        # of the fp32 size (the reserved peak) and need that much free GPU memory
+        model.to(device)
     use_fp32_attention(model, precision, device, cfg.fp32_attention)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
                        precision=precision, new_modules=new_modules, name=cfg.model)

@@ -168,6 +168,16 @@ def weight_dtype(precision: Precision):
     return torch.bfloat16 if precision.is_bf16_true else torch.float32
 
 
+def frozen_matmuls(model, keep: set[str] | frozenset[str] = frozenset()) -> list:
+    """The linears that bf16-mixed with a frozen base stores in bf16 (see :func:`cast_frozen_matmuls`)."""
+    from torch import nn
+
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    return [module for name, module in model.named_modules()
+            if type(module) is nn.Linear and module.weight is not embedding
+            and not any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in keep)]
+
+
 def cast_frozen_matmuls(model, keep: set[str] | frozenset[str] = frozenset()) -> int:
     """bf16-mixed with a frozen base: store the base's linear weights in bf16; return how many were cast.
 
@@ -177,18 +187,11 @@ def cast_frozen_matmuls(model, keep: set[str] | frozenset[str] = frozenset()) ->
     in ``keep`` (newly initialised heads, which are trained).
     """
     import torch
-    from torch import nn
 
-    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    cast = 0
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module.weight is embedding:
-            continue
-        if any(name == k or name.startswith(k + ".") or name.endswith("." + k) for k in keep):
-            continue
+    linears = frozen_matmuls(model, keep)
+    for module in linears:
         module.to(torch.bfloat16)
-        cast += 1
-    return cast
+    return len(linears)
 
 
 def compute_context(precision: Precision, device_type: str):

@@ -66,10 +66,11 @@ class FullySharded(Strategy):
 
     def check(self, method: Any, device: torch.device) -> None:
         method.check_supports("fsdp")
-        if method.quantizes_base and device.type != "cuda":
-            raise UserError(f"--strategy fsdp with method {method.name!r} needs CUDA: sharding a 4-bit base uses "
-                            "bitsandbytes' quant_storage recipe, whose kernels run on GPUs; on CPU use "
-                            "--strategy ddp")
+        if method.quantizes_base:
+            raise UserError(f"--strategy fsdp with method {method.name!r} is refused: FSDP2 turns 4-bit weights "
+                            "into plain sharded tensors and loses their quantization state (bitsandbytes issue "
+                            "#1945 reports wrong outputs even on one process); use --strategy ddp, or lora with "
+                            "--strategy fsdp")
 
     def shard(self, model: nn.Module, precision: Any, device: torch.device) -> nn.Module:
         from peftlab.fsdp import shard_model
