@@ -23,6 +23,7 @@ from peftlab.baseline import evaluate_before
 from peftlab.checkpoint import check_compatible, check_processes, load_checkpoint, resolve_resume
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
+from peftlab.evals import BenchmarkStages
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
 from peftlab.models import LoadedModel, load_model, resolve_device, resolve_precision
@@ -357,6 +358,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
     meter = MemoryMeter(resolve_device(cfg.device))
     load_timer = Stopwatch()
     load_timer.start()
+    benchmarks = BenchmarkStages.for_config(cfg)  # bad benchmark names or files fail here, before the model
     meter.start("load")
     loaded, model = prepare_model(cfg, task, method, task.model_kwargs(raw))
     if accelerator.is_main_process:
@@ -383,6 +385,10 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         state.before = before.metrics
         eval_timer.stop()
         tracking.log_eval(accelerator, state.before, 0, "eval_before")
+    if resume is not None:  # the base's scores were written before the interruption
+        benchmarks.restore("before", run.path)
+    elif cfg.eval_before:
+        benchmarks.score("before", model, loaded, run.path, write=run.is_writer)
 
     meter.start("train")
     state = train_loop(cfg, task, data, model, method, accelerator, run, state, device, loaded.precision, eval_timer,
@@ -394,6 +400,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         final = task.evaluate(data, accelerator.unwrap_model(model), "after")
     after = final.metrics
     eval_timer.stop()
+    benchmarks.score("after", accelerator.unwrap_model(model), loaded, run.path, write=run.is_writer)  # own timer
     with compute_context(loaded.precision, device.type):
         sample = task.sample(data, accelerator.unwrap_model(model), final)
     saved = save_trained(model, loaded, method, run, accelerator, get_strategy(cfg.strategy))
@@ -450,6 +457,7 @@ def _train_and_record(cfg: RunConfig, task: Task, raw: Any, method: Method, acce
         machine=machine_info(),
         resumed=resumed_from is not None,
         resumed_from=str(resumed_from) if resumed_from else None,
+        **benchmarks.record(),
     )
     run.finish(record)
     results = record.to_dict()

@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftlab.evals.forgetting import forgetting
 from peftlab.evals.harness import BenchmarkScore, score
 from peftlab.evals.suite import CHANCE, MEASURES, SHIPPED, BenchmarkSuite, resolve
+from peftlab.models import LoadedModel
 
 __all__ = ["CHANCE", "MEASURES", "SHIPPED", "BenchmarkScore", "BenchmarkStages", "BenchmarkSuite", "forgetting",
            "resolve", "score"]
@@ -25,7 +27,7 @@ class BenchmarkStages:
     """A run's benchmarks: resolved (and checked) from its config, scored per stage, recorded.
 
     Usage in a run: ``stages = BenchmarkStages.for_config(cfg)`` before the model loads (bad names fail there),
-    ``stages.score("before", model, tokenizer, run_dir)`` next to the baseline evaluation,
+    ``stages.score("before", model, loaded, run_dir)`` next to the baseline evaluation,
     ``stages.score("after", ...)`` next to the final one, then ``RunRecord(..., **stages.record())``.
     """
 
@@ -47,14 +49,16 @@ class BenchmarkStages:
     def active(self) -> bool:
         return self.suite is not None
 
-    def score(self, stage: str, model: nn.Module, tokenizer, run_dir: str | Path | None = None,
+    def score(self, stage: str, model: nn.Module, loaded: LoadedModel, run_dir: str | Path | None = None,
               write: bool = True) -> dict[str, BenchmarkScore]:
-        """Score every benchmark on ``model``; with a run dir, the per-item values go into its eval_examples.json."""
+        """Score every benchmark on ``model`` (with the loaded model's tokenizer, in its precision); with a run
+        dir, the per-item values go into its eval_examples.json."""
         if self.suite is None:
             return {}
         from peftlab.per_example import write_benchmark_stage
 
-        scores, seconds = score(self.suite, model, tokenizer, self.batch_size)
+        autocast = torch.bfloat16 if loaded.precision.name == "bf16-mixed" else None  # as compute_context
+        scores, seconds = score(self.suite, model, loaded.tokenizer, self.batch_size, autocast)
         self.scores[stage], self.seconds = scores, self.seconds + seconds
         if run_dir is not None and write:
             write_benchmark_stage(run_dir, self.task, stage, {n: s.to_json() for n, s in scores.items()})

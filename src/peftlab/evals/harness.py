@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from peftlab.evals.suite import BenchmarkSuite
@@ -42,10 +43,11 @@ class BenchmarkScore:
                    {k: list(v) for k, v in (data.get("items") or {}).items()})
 
 
-def score(suite: BenchmarkSuite, model: nn.Module, tokenizer, batch_size: int,
+def score(suite: BenchmarkSuite, model: nn.Module, tokenizer, batch_size: int, autocast: torch.dtype | None = None,
           seed: int = 1234) -> tuple[dict[str, BenchmarkScore], float]:
     """Every benchmark of the suite on ``model`` (left in the training mode it had); returns the scores and the
-    seconds lm-eval took."""
+    seconds lm-eval took. ``autocast``: the dtype the run's forwards autocast to (bf16-mixed), which lm-eval
+    applies itself (its forward sets its own autocast, which would otherwise switch the run's off)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -54,7 +56,7 @@ def score(suite: BenchmarkSuite, model: nn.Module, tokenizer, batch_size: int,
     previous = logging.getLogger("lm_eval").level
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter is not the user's business
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=autocast)
         out = simple_evaluate(model=lm, tasks=list(suite.names), task_manager=suite.task_manager(),
                               limit=suite.limit, log_samples=True, bootstrap_iters=0, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)

@@ -142,6 +142,6 @@ def check_builtin(names: list[str]) -> None:
     known = TaskManager(include_defaults=True).all_tasks
     for name in names:
         if name not in known:
-            near = difflib.get_close_matches(name, [*SHIPPED, *known], n=3, cutoff=0.6)
+            near = difflib.get_close_matches(name, list(dict.fromkeys([*SHIPPED, *known])), n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(near)}?" if near else f"shipped: {', '.join(SHIPPED)}"
             raise UserError(f"benchmarks: unknown benchmark {name!r}; {hint} (or give a task YAML file)")
