@@ -147,3 +147,37 @@ def test_train_refuses_before_loading_the_model(tmp_path, capsys, data_dir):
             "--benchmarks", "hellaswag,nope_task"]
     code, line = run_cli(args, capsys)
     assert_one_line_error(code, line, "unknown benchmark 'nope_task'")
+
+
+# --- reports: a column per benchmark, forgetting named in the findings ---------------------------------------------
+def _with_benchmarks(results: dict, arc: tuple[float, float, float], piqa: tuple[float, float, float]) -> dict:
+    def block(change):
+        est, lo, hi = change
+        return {"items": 500, "limit": 500, "before": {"acc": 0.5, "acc_norm": 0.5},
+                "after": {"acc": 0.5 + est, "acc_norm": 0.5 + est},
+                "forgetting": {m: {"estimate": est, "lo": lo, "hi": hi, "resamples": 2000} for m in ("acc", "acc_norm")}}
+
+    return {**results, "benchmarks": {"arc_easy": block(arc), "piqa": block(piqa)}}
+
+
+def test_tables_and_findings_show_forgetting(tmp_path):
+    from peftlab.report.findings import table_findings
+    from peftlab.report.tables import build_tables, read_sweep
+    from tests.test_report import make_results, make_store
+
+    full = _with_benchmarks(make_results("a", task="instruction", method="full", seed=1, after={"rougeL": 0.3}),
+                            arc=(-0.06, -0.09, -0.03), piqa=(0.0, -0.02, 0.02))
+    lora = _with_benchmarks(make_results("b", task="instruction", method="lora", seed=1, after={"rougeL": 0.25}),
+                            arc=(-0.01, -0.03, 0.01), piqa=(0.03, 0.01, 0.05))
+    folder = make_store(tmp_path / "sweep", [("full", full), ("lora", lora)])
+    (table,) = build_tables(read_sweep(folder).finished)
+    headers = table.headers()
+    assert headers[-2:] == ["arc_easy Δacc_norm ↑", "piqa Δacc_norm ↑"]
+    cells = {g.first.method.name: table.cells(g) for g in table.groups}
+    assert cells["full"][-2] == "-0.060 [-0.090, -0.030] *"
+    assert cells["lora"][-2] == "-0.010 [-0.030, +0.010]"
+    note = next(n for n in table.notes if n.startswith("Benchmarks"))
+    assert "arc_easy (grade-school science questions (4 choices), chance 25%; 500 items)" in note
+    sentence = next(s for s in table_findings(table) if s.startswith("Forgetting"))
+    assert "Full on arc_easy Δacc_norm -0.060 [-0.090, -0.030]" in sentence and "LoRA" not in sentence.split(". Gains")[0]
+    assert "Gains beyond noise: LoRA (8, 16) on piqa Δacc_norm +0.030" in sentence

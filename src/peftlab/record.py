@@ -297,8 +297,8 @@ class Change(Section):
     resamples: int | None = None
 
     @property
-    def significant(self) -> bool:
-        """The interval lies strictly on one side of zero."""
+    def excludes_zero(self) -> bool:
+        """The interval lies strictly on one side of zero (a significant change)."""
         return self.lo > 0 or self.hi < 0
 
 
