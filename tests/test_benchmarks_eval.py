@@ -155,7 +155,8 @@ def _with_benchmarks(results: dict, arc: tuple[float, float, float], piqa: tuple
         est, lo, hi = change
         return {"items": 500, "limit": 500, "before": {"acc": 0.5, "acc_norm": 0.5},
                 "after": {"acc": 0.5 + est, "acc_norm": 0.5 + est},
-                "forgetting": {m: {"estimate": est, "lo": lo, "hi": hi, "resamples": 2000} for m in ("acc", "acc_norm")}}
+                "forgetting": {m: {"estimate": est, "lo": lo, "hi": hi, "resamples": 2000}
+                               for m in ("acc", "acc_norm")}}
 
     return {**results, "benchmarks": {"arc_easy": block(arc), "piqa": block(piqa)}}
 
@@ -179,5 +180,6 @@ def test_tables_and_findings_show_forgetting(tmp_path):
     note = next(n for n in table.notes if n.startswith("Benchmarks"))
     assert "arc_easy (grade-school science questions (4 choices), chance 25%; 500 items)" in note
     sentence = next(s for s in table_findings(table) if s.startswith("Forgetting"))
-    assert "Full on arc_easy Δacc_norm -0.060 [-0.090, -0.030]" in sentence and "LoRA" not in sentence.split(". Gains")[0]
+    forgot = sentence.split(". Gains")[0]
+    assert "Full on arc_easy Δacc_norm -0.060 [-0.090, -0.030]" in forgot and "LoRA" not in forgot
     assert "Gains beyond noise: LoRA (8, 16) on piqa Δacc_norm +0.030" in sentence
