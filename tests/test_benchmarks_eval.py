@@ -34,11 +34,16 @@ def untrained_lora():
     return loaded, get_method("lora").apply(loaded.model, cfg, "causal_lm", [])
 
 
-def test_offline_environment():
+def test_every_shipped_task_scores_items_offline_and_untrained_forgets_nothing(untrained_lora, tmp_path, data_dir,
+                                                                               monkeypatch):
+    import socket
+
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
 
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"the benchmark path opened a connection: {args}")
 
-def test_every_shipped_task_scores_items_offline_and_untrained_forgets_nothing(untrained_lora, tmp_path, data_dir):
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     loaded, model = untrained_lora
     cfg = load_config(None, dict(model="tiny-llama", benchmarks=",".join(SHIPPED), benchmark_limit=ITEMS,
                                  precision="fp32", batch_size=8))
