@@ -15,7 +15,7 @@ from peftlab.configure import load_config
 from peftlab.evaluate import eval_config, load_for_eval
 from peftlab.losses import IGNORE_INDEX, causal_lm_loss_sum, output_head
 from peftlab.merge import fixed_batch, logits_of
-from peftlab.methods import get_method
+from peftlab.methods import get_method, method_names
 from peftlab.models import load_model, tiny_gemma3_config
 from peftlab.plan.arch import load_arch
 from tests.conftest import tiny_overrides
@@ -36,9 +36,17 @@ def gemma_cfg(**extra):
     return load_config(None, dict(model=GEMMA, precision="fp32", **extra))
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora", "full"])
+FAST_METHODS = ("lora", "qlora", "full")
+#: Every registered method: the three of the issue in the fast suite, the others under the slow marker (each one
+#: answers whether the method fits Gemma 3; a refusal is a skip with the method's reason).
+ALL_METHODS = [pytest.param(n, marks=() if n in FAST_METHODS else pytest.mark.slow) for n in method_names()]
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
 def test_trains_and_reloads_with_identical_logits(name, tmp_path, monkeypatch, data_dir):
     method = get_method(name)
+    if not method.supports("causal_lm"):
+        pytest.skip(f"method {name!r} {method.unsupported_reasons()['causal_lm']}")
     if method.quantizes_base:
         pytest.importorskip("bitsandbytes")
     kept = {}
@@ -63,7 +71,8 @@ def test_trains_and_reloads_with_identical_logits(name, tmp_path, monkeypatch, d
         _, model = load_for_eval(eval_config(artifact, {}), artifact, "auto")
     else:
         _, model = load_for_eval(eval_config(None, {"model": artifact}), None, "auto")
-    assert torch.allclose(logits_of(model, kept["ids"]), kept["logits"], atol=1e-6, rtol=0)
+    tolerance = 1e-4 if method.converts_at_save else 1e-6  # PiSSA saves a plain LoRA of rank 2r
+    assert torch.allclose(logits_of(model, kept["ids"]), kept["logits"], atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
