@@ -6,11 +6,13 @@ Every contender is measured with these same functions, so the definitions below 
   (the first step is warm-up). With a single step, the whole run.
 - time per optimizer step: the interval between the ends of consecutive optimizer steps (the first step is
   measured from the start of training); median and min-max over the steps after the first.
-- FLOPs per token (PaLM appendix B convention, the attention term counts the full T x T score matrix):
-  full fine-tuning 6 N + 12 L T d_attn; LoRA / QLoRA 4 N + 6 N_adapter + 12 L T d_attn, where N counts the weights
-  of every matrix multiply (all Linear layers, the LM head included even when tied to the embedding),
-  N_adapter the LoRA A and B weights, L the layers, T the block length and d_attn = heads x head_dim.
-  LoRA: 2N forward + 2N backward through the activations; frozen weights get no weight gradients.
+- FLOPs per token (PaLM appendix B convention, the attention term counts the full T x T score matrix): each method
+  states its own (``Method.train_flops_per_token`` and ``flops_formula``): full fine-tuning 6 N + 12 L T d_attn;
+  a method over a frozen base (LoRA, QLoRA, ...) 4 N + 6 N_trainable + 12 L T d_attn, where N counts the weights of
+  every matrix multiply (all Linear layers, the LM head included even when tied to the embedding:
+  ``Arch.flop_weights``), N_trainable the method's trainable parameters, L the layers, T the block length and
+  d_attn = heads x head_dim. A frozen weight costs 2N forward + 2N backward through the activations and gets no
+  weight gradient.
 - MFU: FLOPs per token x tokens/s / the peak GEMM FLOP/s measured on this machine in the same invocation.
 """
 
@@ -31,13 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-FLOPS_FORMULA = {
-    "full": "6*N + 12*L*T*d_attn",
-    "lora": "4*N + 6*N_adapter + 12*L*T*d_attn",
-    "qlora": "4*N + 6*N_adapter + 12*L*T*d_attn",
-}
-
 
 # --------------------------------------------------------------------------------------------------------------
 # The workload's data
@@ -77,31 +72,26 @@ def array_digest(arr: np.ndarray) -> str:
 # FLOPs
 
 
-def model_shape(model_source: str, targets: list[str], r: int) -> dict[str, int]:
-    """Matmul weights (N), LoRA weights (N_adapter), layers, d_attn and d_model, from the config (meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def workload_flops(model_source: str, block_size: int, methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The workload's FLOP counts: the model's shapes (from ``plan.arch``) and, per method (name -> the fields it
+    trains with), its formula, trainable parameters and training FLOPs per token, each as the method states them
+    (``Method.train_flops_per_token``)."""
+    from peftlab.methods import get_method
+    from peftlab.plan.arch import load_arch
+    from peftlab.plan.memory import PlanInput
 
-    config = AutoConfig.from_pretrained(model_source)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    n_matmul = n_adapter = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            n_matmul += module.in_features * module.out_features
-            if name.rsplit(".", 1)[-1] in targets:
-                n_adapter += r * (module.in_features + module.out_features)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {"n_matmul": n_matmul, "n_adapter": n_adapter, "layers": config.num_hidden_layers,
-            "d_attn": heads * head_dim, "d_model": config.hidden_size, "vocab": config.vocab_size}
-
-
-def flops_per_token(shape: dict[str, int], method: str, block_size: int) -> float:
-    """Training FLOPs per token under :data:`FLOPS_FORMULA` (LoRA and QLoRA count the same)."""
-    attention = 12 * shape["layers"] * block_size * shape["d_attn"]
-    if method == "full":
-        return 6 * shape["n_matmul"] + attention
-    return 4 * shape["n_matmul"] + 6 * shape["n_adapter"] + attention
+    arch = load_arch(model_source)
+    shape = {"n_matmul": arch.flop_weights(), "layers": arch.num_layers, "d_attn": arch.q_dim,
+             "d_model": arch.hidden_size, "vocab": arch.vocab_size}
+    per_method = {}
+    for name, fields in methods.items():
+        method = get_method(name)
+        inp = PlanInput(method=name, fields={k: v for k, v in fields.items() if k in method.field_names()},
+                        seq_len=block_size)
+        per_method[name] = {"formula": method.flops_formula, "display_name": method.display_name,
+                            "n_trainable": method.plan_terms(arch, inp).trainable_params,
+                            "per_token": method.train_flops_per_token(arch, inp)}
+    return {"shape": shape, "methods": per_method}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,7 +241,7 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
     """
     from transformers import AutoModelForCausalLM
 
-    from peftlab.models import _publish_atomically, cache_dir, smollm2_tokenizer_dir
+    from peftlab.models import cache_dir, publish_atomically, smollm2_tokenizer_dir
 
     tok_dir = smollm2_tokenizer_dir()
     config = random_llama_config(shape)
@@ -269,7 +259,7 @@ def random_llama_dir(shape: dict[str, int], seed: int = 0) -> Path:
         del model
         shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, target)
+    return publish_atomically(build, target)
 
 
 def random_llama_dir_built_apart(shape: dict[str, int], seed: int = 0) -> Path:

@@ -205,18 +205,21 @@ def evaluate_run(args: argparse.Namespace) -> dict[str, Any]:
     results = RunRecord.read(run).to_dict()
     dtype = DTYPES[results["model"]["dtype"]]
     method = results["method"]["name"]
+    from peftlab.methods import get_method
+
+    quantizes_base = get_method(method).quantizes_base
     if (run / "model").is_dir():
         model = AutoModelForCausalLM.from_pretrained(run / "model", dtype=dtype).to(device)
     else:
         kwargs: dict[str, Any] = {"dtype": dtype}
-        if method == "qlora":
+        if quantizes_base:
             cfg = results["config"]
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=cfg["quant_type"], bnb_4bit_use_double_quant=cfg["double_quant"],
                 bnb_4bit_compute_dtype=dtype)
             kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
         base = AutoModelForCausalLM.from_pretrained(args.model_source, **kwargs)
-        if method != "qlora":
+        if not quantizes_base:
             base = base.to(device)
         model = PeftModel.from_pretrained(base, run / "adapter")
     held = heldout_loss(model, np.load(args.eval_blocks), args.eval_batch_size, device)

@@ -150,7 +150,7 @@ def contender_grad_accum(args: argparse.Namespace, name: str, data) -> int:
 def peftlab_padding(args: argparse.Namespace, data, packed: bool, grad_accum: int) -> dict[str, int]:
     """Real tokens and tokens incl. padding of a peftlab run, from its data order (train.epoch_permutation and
     step_micro_batches: what `peftlab train` builds its micro-batches from; one process, one epoch)."""
-    from peftlab.train import epoch_permutation, step_micro_batches, steps_per_epoch
+    from peftlab.loop import epoch_permutation, step_micro_batches, steps_per_epoch
 
     lengths = [len(e.ids) for e in data.train_enc]
     units = [sum(lengths[j] for j in row) for row in data.rows] if packed else lengths

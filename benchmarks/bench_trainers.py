@@ -30,16 +30,14 @@ from typing import Any
 
 import numpy as np
 from _common import (
-    FLOPS_FORMULA,
     array_digest,
-    flops_per_token,
     fmt,
-    model_shape,
     ratio,
     run_logged,
     summarise_steps,
     thread_env,
     workload_blocks,
+    workload_flops,
     write_json,
 )
 
@@ -70,6 +68,11 @@ def method_of(name: str) -> str:
     """The method a contender trains: full, qlora or lora."""
     base = name.removesuffix(BF16_SUFFIX).removesuffix(BF16_TRUE_SUFFIX).removesuffix(MULTI_PROCESS_SUFFIX)
     return "full" if base.endswith("full") else "qlora" if base.endswith("qlora") else "lora"
+
+
+def adapter_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The workload's adapter settings; each method takes those of them it has fields for."""
+    return {"r": args.r, "alpha": args.alpha, "dropout": args.dropout, "target_modules": args.target_modules}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,9 +130,11 @@ def peftlab_command(args: argparse.Namespace, method: str, run_dir: Path, train_
            "--train-subset", str(train_blocks), "--eval-subset", str(args.eval_blocks), "--seed", str(args.seed),
            "--device", args.device, "--precision", precision, "--output-dir", str(run_dir), "--overwrite",
            "--set", "eval_before=false", "--set", "max_new_tokens=1", "--set", "logging_steps=1"]
-    if method != "full":
-        cmd += ["--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout),
-                "--target-modules", args.target_modules]
+    from peftlab.methods import get_method
+
+    fields = adapter_fields(args)
+    for field in [f for f in fields if f in get_method(method).field_names()]:  # --r, --alpha, ...
+        cmd += ["--" + field.replace("_", "-"), str(fields[field])]
     return cmd + shlex.split(args.peftlab_extra)
 
 
@@ -356,6 +361,7 @@ def markdown(report: dict[str, Any]) -> str:
         for c in report["checks"]:
             lines.append(f"| {c['check']} | {c['value']:.3f} | {'yes' if c['pass'] else 'NO'} |")
     g, s, shape = report["gemm"], report["settings"], report["flops"]["shape"]
+    counted = report["flops"]["methods"].values()
     lines += ["", f"- Command: `{report['command']}`",
               f"- Workload: {s['model']}, blocks of {s['block_size']}, batch {s['batch_size']} x accumulation "
               f"{s['grad_accum']}, {s['steps']} optimizer steps ({report['data']['train_blocks']} training blocks, "
@@ -369,9 +375,12 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{report['gemm_after'][dtype]['gflops']:.1f}; the higher is used for the MFU of the "
                 f"{'bf16' if dtype == 'bfloat16' else 'fp32'} rows)." for dtype in sorted(g)],
               f"- CPU: {report['machine'].get('cpu') or '?'}; bf16: {report['bf16']}.",
-              f"- FLOPs/token: full {FLOPS_FORMULA['full']}; LoRA/QLoRA {FLOPS_FORMULA['lora']}; N = "
-              f"{shape['n_matmul']:,} matmul weights (LM head included), N_adapter = {shape['n_adapter']:,}, "
-              f"L = {shape['layers']}, T = {s['block_size']}, d_attn = {shape['d_attn']}.",
+              "- FLOPs/token, as each method counts them: "
+              + "; ".join(f"{m['display_name']} {m['formula']}" + (f" (N_trainable = {m['n_trainable']:,})"
+                                                                      if "N_trainable" in m["formula"] else "")
+                          for m in counted)
+              + f"; N = {shape['n_matmul']:,} matmul weights (LM head included), L = {shape['layers']}, "
+              f"T = {s['block_size']}, d_attn = {shape['d_attn']}.",
               *([f"- peftlab-lora-2proc: `peftlab train --processes 2 --grad-accum {s['grad_accum'] // 2}`, two "
                  "data-parallel processes with an equal share of the cores each (gloo), the same global batch; its "
                  "peak RSS is the sum of both processes' peaks."] if "peftlab-lora-2proc" in report["rows"] else []),
@@ -400,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     paths["train"].parent.mkdir(parents=True, exist_ok=True)
     np.save(paths["train"], data["train"])
     np.save(paths["eval"], data["eval"])
-    shape = model_shape(str(paths["model_source"]), args.target_modules.split(","), args.r)
-    print(f"workload: {train_blocks} training blocks, {len(data['eval'])} held-out blocks; N={shape['n_matmul']:,}",
-          file=sys.stderr)
+    flops = workload_flops(str(paths["model_source"]), args.block_size,
+                           {method_of(name): adapter_fields(args) for name in args.contenders})
+    print(f"workload: {train_blocks} training blocks, {len(data['eval'])} held-out blocks; "
+          f"N={flops['shape']['n_matmul']:,}", file=sys.stderr)
 
     # The GEMM peak of each precision in play, measured before and after the contenders (the higher counts); the
     # MFU of a row is taken against its own precision's peak.
@@ -435,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, runs in raw.items():
         if runs:
-            flops = flops_per_token(shape, "full" if method_of(name) == "full" else "lora", args.block_size)
-            rows[name] = aggregate(name, runs, flops, gemm["bfloat16" if is_bf16(name) else "float32"]["gflops"])
+            per_token = flops["methods"][method_of(name)]["per_token"]
+            rows[name] = aggregate(name, runs, per_token, gemm["bfloat16" if is_bf16(name) else "float32"]["gflops"])
     ratios, checks = comparisons(rows)
     report = {
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv),
@@ -444,8 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"train_source": data["train_source"], "eval_source": data["eval_source"], "note": data["note"],
                  "train_blocks": int(len(data["train"])), "eval_blocks": int(len(data["eval"])),
                  "train_sha": array_digest(data["train"]), "eval_sha": array_digest(data["eval"])},
-        "flops": {"formula": FLOPS_FORMULA, "shape": shape,
-                  "per_token": {m: flops_per_token(shape, m, args.block_size) for m in ("full", "lora")}},
+        "flops": flops,
         "gemm": gemm, "gemm_before": gemm_before, "gemm_after": gemm_after,
         "rows": rows, "ratios": ratios, "checks": checks, "failures": failures,
         "machine": machine_info(), "versions": package_versions(), "bf16": bf16_capability(args.device),

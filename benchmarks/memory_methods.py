@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftlab.methods import get_method
+
 METHODS = ("full", "lora", "qlora")
 LR = {"full": 2e-4, "lora": 1e-3, "qlora": 1e-3}  # full: the seed's default; adapters learn faster at 1e-3
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -48,7 +50,7 @@ def train_command(method: str, args: argparse.Namespace, run_dir: Path, precisio
            str(args.steps * args.batch_size), "--eval-subset", str(args.eval_subset), "--lr", str(LR[method]),
            "--device", args.device, "--precision", precision, "--output-dir", str(run_dir), "--overwrite",
            "--set", "max_new_tokens=8"]
-    if method != "full":
+    if {"r", "alpha"} <= get_method(method).field_names():  # a rank and its scaling: the seed's (8, 16)
         cmd += ["--r", "8", "--alpha", "16"]
     return cmd
 
@@ -129,13 +131,14 @@ def checks(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
 
 def format_table(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table plus the checks."""
-    name = {"full": "Full", "lora": "LoRA (8, 16)", "qlora": "QLoRA (8, 16)"}
     lines = [f"{meta['model']}, {meta['device']}, WikiText-2 blocks of {meta['block_size']}, batch "
              f"{meta['batch_size']}, {meta['steps']} optimizer steps, allocator: {meta['allocator']}", "",
              "| Method | Training-phase peak (GiB) | Predicted (GiB) | Error | Tokens/s | Perplexity before -> after |"
              " Trainable params |", "|---|---|---|---|---|---|---|"]
     for r in rows.values():
-        label = f"{name.get(r['method'], r['method'])} {r['precision']}"
+        method = get_method(r["method"])
+        shape = f" {method.config_label({'r': 8, 'alpha': 16})}" if method.shows_rank else ""
+        label = f"{method.display_name}{shape} {r['precision']}"
         lines.append(f"| {label} | {r['measured_peak_gb']:.3f} | {r['predicted_peak_gb']:.3f} | "
                      f"{r['error_pct']:+.1f}% | {r['tokens_per_s']:.1f} | {r['ppl_before']:.2f} -> "
                      f"{r['ppl_after']:.2f} | {r['trainable_params']:,} |")

@@ -50,6 +50,8 @@ from memory_methods import (
     write_results,
 )
 
+from peftlab.methods import get_method
+
 #: TinyLlama-1.1B's shape (vocabulary aside, see the module docstring), and a tiny one for smoke tests.
 SCALES = {
     "1.1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
@@ -79,7 +81,7 @@ def planned_gib(model_dir: Path, method: str, args: argparse.Namespace, precisio
 
     fields = {"model": str(model_dir), "method": method, "block_size": args.block_size,
               "batch_size": args.batch_size, "grad_accum": 1, "device": args.device, "precision": precision}
-    if method != "full":
+    if {"r", "alpha"} <= get_method(method).field_names():  # a rank and its scaling: the seed's (8, 16)
         fields.update(r=8, alpha=16)
     return plan_for_config(load_config(None, fields), processes=1).peak_bytes / GIB
 

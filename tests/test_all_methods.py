@@ -44,7 +44,7 @@ def test_trains_two_steps_and_reloads_with_identical_logits(name, tmp_path, monk
         return save(model, loaded, method, run, accelerator, extra_files)
 
     monkeypatch.setattr(train, "save_trained", save_and_keep_logits)
-    results = train.run_training(load_config(None, tiny_overrides(tmp_path, method=name, **TWO_STEPS)))
+    results = train.run_training(load_config(None, tiny_overrides(tmp_path, method=name, **TWO_STEPS))).to_dict()
     assert results["timing"]["optimizer_steps"] == 2
     assert results["params"]["trainable_params"] > 0
     artifact = results["artifact"]["path"]

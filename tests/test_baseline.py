@@ -36,7 +36,7 @@ def before_calls(monkeypatch) -> list[str]:
 def tiny_run(tmp_path, name: str, **extra) -> dict:
     cfg = load_config(None, tiny_overrides(tmp_path, output_dir=str(tmp_path / name), train_subset=8,
                                            eval_subset=4, max_steps=1, **extra))
-    return run_training(cfg)
+    return run_training(cfg).to_dict()
 
 
 def test_per_example_values_are_written_and_read_back(tmp_path, data_dir):
@@ -75,7 +75,7 @@ def test_baseline_is_recomputed_when_the_key_differs(tmp_path, data_dir, before_
     overrides = {"eval_subset": 4, **change}
     cfg = load_config(None, tiny_overrides(tmp_path, output_dir=str(tmp_path / "second"), train_subset=8,
                                            max_steps=1, **overrides))
-    second = run_training(cfg)
+    second = run_training(cfg).to_dict()
     assert len(before_calls) == 2
     assert second["metrics"]["before"]["baseline_reused"] is False
     assert second["metrics"]["before"]["baseline_key"] != first["metrics"]["before"]["baseline_key"]
@@ -90,7 +90,7 @@ def classification_run(tmp_path, name: str, cache: Path, monkeypatch, **extra) -
     cfg = load_config(None, dict(task="classification", model="tiny-llama", dataset=str(train),
                                  eval_dataset=str(evaluation), output_dir=str(tmp_path / name), batch_size=4,
                                  grad_accum=1, max_steps=1, max_length=16, precision="fp32", **extra))
-    return run_training(cfg)
+    return run_training(cfg).to_dict()
 
 
 def test_classification_values_and_a_new_head_shares_only_within_its_seed(tmp_path, monkeypatch):
@@ -124,7 +124,7 @@ def test_instruction_values_per_response_and_generation(tmp_path):
                                  eval_dataset=str(evaluation), output_dir=str(tmp_path / "run"), batch_size=4,
                                  grad_accum=1, max_steps=1, max_length=96, max_new_tokens=4, generation_subset=3,
                                  precision="fp32"))
-    results = run_training(cfg)
+    results = run_training(cfg).to_dict()
     for stage in ("before", "after"):
         groups = read_stages(results["run_dir"])[stage].values.groups
         responses, generations = groups["responses"], groups["generations"]

@@ -81,8 +81,7 @@ def test_forgetting_is_a_paired_bootstrap_over_items():
 def test_training_records_benchmarks_before_and_after(tmp_path, data_dir):
     cfg = load_config(None, tiny_overrides(tmp_path, max_steps=1, benchmarks="arc_easy,winogrande",
                                            benchmark_limit=ITEMS))
-    results = run_training(cfg)
-    record = RunRecord.read(results["run_dir"])
+    record = RunRecord.read(run_training(cfg).run_dir)
     assert set(record.benchmarks) == {"arc_easy", "winogrande"}
     arc = record.benchmarks["arc_easy"]
     assert arc.items == ITEMS and arc.limit == ITEMS
@@ -90,9 +89,9 @@ def test_training_records_benchmarks_before_and_after(tmp_path, data_dir):
     assert arc.forgetting["acc"].estimate == pytest.approx(arc.after["acc"] - arc.before["acc"])
     assert arc.forgetting["acc"].lo <= arc.forgetting["acc"].estimate <= arc.forgetting["acc"].hi
     assert record.benchmark_time_s > 0
-    stored = read_benchmark_stages(results["run_dir"])
+    stored = read_benchmark_stages(record.run_dir)
     assert len(stored["after"]["winogrande"]["items"]["acc"]) == ITEMS
-    assert set(read_stages(results["run_dir"])) == {"before", "after"}  # the task's own stages are kept beside
+    assert set(read_stages(record.run_dir)) == {"before", "after"}  # the task's own stages are kept beside
 
 
 def test_eval_command_scores_benchmarks_only(tmp_path, capsys, data_dir):

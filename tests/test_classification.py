@@ -29,7 +29,7 @@ def prepared(task: ClassificationTask, raw: ClassificationRaw):
     """The task's prepared data for tiny-llama's classification model."""
     from peftlab.models import load_model
 
-    loaded = load_model(task.cfg, task_kind="seq_cls", **task.model_kwargs(raw))
+    loaded = load_model(task.cfg, model_kind="seq_cls", **task.model_kwargs(raw))
     return task.prepare(raw, loaded.tokenizer, loaded.model)
 
 
@@ -198,7 +198,7 @@ def test_train_and_reload_gives_identical_predictions(tmp_path: Path, capsys) ->
     cfg = eval_config(str(run / "adapter"), {})
     task = ClassificationTask(cfg)
     raw = task.load()
-    loaded = load_model(cfg, task_kind="seq_cls", **task.model_kwargs(raw))
+    loaded = load_model(cfg, model_kind="seq_cls", **task.model_kwargs(raw))
     model = attach_adapter(loaded.model, run / "adapter")
     data = task.prepare(raw, loaded.tokenizer, model)
     ids, probs, _ = task.predict(data, model)
@@ -221,7 +221,7 @@ def test_new_modules_missing_from_checkpoint_are_trained_and_saved(tmp_path: Pat
     from peftlab.tasks.classification import extra_saved_modules
 
     cfg = load_config(None, dict(task="classification", model="tiny-llama"))
-    loaded = load_model(cfg, task_kind="seq_cls", num_labels=2, label_names=["a", "b"])
+    loaded = load_model(cfg, model_kind="seq_cls", num_labels=2, label_names=["a", "b"])
     assert loaded.new_modules == ["score"]
     assert not hasattr(loaded.model, "peftlab_new_parameters")  # nothing is patched onto the model
     model = get_method("lora").apply(loaded.model, cfg, "seq_cls", ["model.norm", "score"])
@@ -236,7 +236,7 @@ def test_new_modules_missing_from_checkpoint_are_trained_and_saved(tmp_path: Pat
     batch = torch.tensor([[5, 6, 7, 8]])
     model.eval()
     expected = model(input_ids=batch).logits
-    fresh = load_model(cfg, task_kind="seq_cls", num_labels=2, label_names=["a", "b"]).model
+    fresh = load_model(cfg, model_kind="seq_cls", num_labels=2, label_names=["a", "b"]).model
     reloaded = attach_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(reloaded(input_ids=batch).logits, expected)
 

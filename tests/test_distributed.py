@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from peftlab.train import epoch_permutation, step_micro_batches
+from peftlab.loop import epoch_permutation, step_micro_batches
 
 STEPS = 3
 BATCH, BLOCK = 4, 128

@@ -59,14 +59,14 @@ def test_trains_and_reloads_with_identical_logits(name, tmp_path, monkeypatch, d
         return save(model, loaded, *args, **kwargs)
 
     monkeypatch.setattr(train, "save_trained", save_and_keep_logits)
-    results = train.run_training(load_config(None, tiny_overrides(
+    record = train.run_training(load_config(None, tiny_overrides(
         tmp_path, model=GEMMA, method=name, max_steps=2, train_subset=8, eval_subset=2, batch_size=2, grad_accum=1,
         eval_before=True, max_new_tokens=2)))
-    assert results["model"]["architecture"] == "Gemma3ForCausalLM"
-    assert results["timing"]["optimizer_steps"] == 2
-    before, after = results["metrics"]["before"]["perplexity"], results["metrics"]["after"]["perplexity"]
+    assert record.model.architecture == "Gemma3ForCausalLM"
+    assert record.timing.optimizer_steps == 2
+    before, after = record.metrics.before["perplexity"], record.metrics.after["perplexity"]
     assert math.isfinite(after) and after != before  # it trained
-    artifact = results["artifact"]["path"]
+    artifact = record.artifact.path
     if method.is_peft:
         _, model = load_for_eval(eval_config(artifact, {}), artifact, "auto")
     else:

@@ -184,6 +184,29 @@ def test_batched_generation_matches_one_at_a_time(tmp_path: Path, tokenizer, tin
     assert together == alone
 
 
+def test_generation_batch_size_is_apart_from_the_training_batch(tmp_path: Path, tokenizer, tiny_model,
+                                                               monkeypatch) -> None:
+    """generation_batch_size sets how many prompts one greedy generate() call takes, whatever batch_size is; the
+    generations are those of one prompt at a time."""
+    from peftlab.tasks.instruction import InstructionTask
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "x", "output": "y"}] * 2)
+    tasks = {size: InstructionTask(load_config(None, dict(
+        task="instruction", model="tiny-llama", dataset=str(train), eval_dataset=str(train), max_new_tokens=6,
+        batch_size=1, max_length=64, generation_batch_size=size))) for size in (None, 3)}
+    data = tasks[3].prepare(tasks[3].load(), tokenizer, tiny_model)
+    items = [data.encoder.encode(alpaca_example(text, "", "z")) for text in
+             ("Short.", "A rather longer instruction than the first one is.", "Mid length one.")]
+    rows = []
+    real = tiny_model.generate
+    monkeypatch.setattr(tiny_model, "generate", lambda **kw: rows.append(len(kw["input_ids"])) or real(**kw))
+    batched = tasks[3].generate(data, tiny_model, items)
+    assert rows == [3]
+    rows.clear()
+    assert tasks[None].generate(data, tiny_model, items) == batched
+    assert rows == [1, 1, 1]  # default: the evaluation batch size (here batch_size 1)
+
+
 def test_generation_shows_a_progress_bar_on_terminals_only(tmp_path: Path, tokenizer, tiny_model,
                                                            monkeypatch) -> None:
     import peftlab.tasks.instruction as instruction

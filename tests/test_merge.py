@@ -35,7 +35,7 @@ def trained_adapter(request, tmp_path_factory):
     text = tmp / "repetitive.txt"
     text.write_text(" the quick brown fox jumps over the lazy dog .\n" * 200, encoding="utf-8")
     overrides = tiny_overrides(tmp, method=request.param, dataset=str(text), eval_dataset=str(text), **FAST)
-    results = run_training(load_config(None, overrides))
+    results = run_training(load_config(None, overrides)).to_dict()
     return request.param, Path(results["run_dir"]) / "adapter"
 
 
@@ -120,7 +120,7 @@ def test_a_prefix_runs_refusal_comes_from_its_method(tmp_path):
     from peftlab.errors import UserError
     from peftlab.methods import get_method
 
-    results = run_training(load_config(None, tiny_overrides(tmp_path, method="prefix", max_steps=1, **FAST)))
+    results = run_training(load_config(None, tiny_overrides(tmp_path, method="prefix", max_steps=1, **FAST))).to_dict()
     with pytest.raises(UserError) as err:
         run_merge(str(Path(results["run_dir"]) / "adapter"), str(tmp_path / "out"))
     assert get_method("prefix").unsupported["merge"] in str(err.value) and "PREFIX_TUNING" in str(err.value)

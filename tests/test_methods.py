@@ -44,7 +44,7 @@ def trained(request, tmp_path_factory):
     text.write_text(" the quick brown fox jumps over the lazy dog .\n" * 400, encoding="utf-8")
     overrides = tiny_overrides(tmp, method=method, dataset=str(text), eval_dataset=str(text),
                                lr=LR.get(method, 1e-2), **FAST)
-    results = run_training(load_config(None, overrides))
+    results = run_training(load_config(None, overrides)).to_dict()
     return method, Path(results["run_dir"]), results
 
 

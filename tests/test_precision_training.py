@@ -36,7 +36,7 @@ def run(tmp_path: Path, name: str, **extra) -> dict:
     options = dict(dataset=str(text), eval_dataset=str(text), train_subset=16, batch_size=2, grad_accum=2,
                    max_steps=STEPS, lr=1e-2, logging_steps=1, eval_before=False)
     overrides = tiny_overrides(tmp_path / name, **{**options, **extra})
-    return run_training(load_config(None, overrides))
+    return run_training(load_config(None, overrides)).to_dict()
 
 
 def loss_curve(results: dict) -> list[float]:

@@ -79,7 +79,7 @@ def qlora_run(tmp_path_factory):
     text.write_text(" the quick brown fox jumps over the lazy dog .\n" * 400, encoding="utf-8")
     overrides = tiny_overrides(tmp, method="qlora", dataset=str(text), eval_dataset=str(text), train_subset=16,
                                eval_subset=4, grad_accum=1, lr=1e-2, max_new_tokens=4)
-    results = run_training(load_config(None, overrides))
+    results = run_training(load_config(None, overrides)).to_dict()
     return Path(results["run_dir"]), results
 
 
@@ -106,8 +106,9 @@ def test_adapter_loads_onto_4bit_and_full_precision_bases(qlora_run):
 
 def test_a_lora_adapter_evaluates_on_a_4bit_base(tmp_path):
     # the 4-bit settings come from the quantizing method's field defaults (a LoRA run has no quant_type)
-    results = run_training(load_config(None, tiny_overrides(tmp_path, max_steps=1, train_subset=4, eval_subset=2,
-                                                            grad_accum=1, eval_before=False, max_new_tokens=2)))
+    cfg = load_config(None, tiny_overrides(tmp_path, max_steps=1, train_subset=4, eval_subset=2, grad_accum=1,
+                                           eval_before=False, max_new_tokens=2))
+    results = run_training(cfg).to_dict()
     adapter = str(Path(results["run_dir"]) / "adapter")
     on_4bit = run_eval({}, adapter, base_precision="4bit")["metrics"]
     on_full = run_eval({}, adapter, base_precision="auto")["metrics"]

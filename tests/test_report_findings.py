@@ -165,3 +165,66 @@ def test_runs_on_two_machines_are_named_in_the_report(tmp_path):
     assert table_findings(table)[-1] == (
         "This table's runs were measured on more than one machine, so its times (and tokens/s) are not comparable "
         "across them: Xeon X ran 2 runs; EPYC Y ran LoRA (8, 16) seed 2.")
+
+
+def _two_machine_sweep(tmp_path):
+    xeon = {"cpu": "Xeon X", "cpu_count": 2, "torch_threads": 2}
+    epyc = {"cpu": "EPYC Y", "cpu_count": 2, "torch_threads": 2}
+    runs = []
+    for rid, seed, machine, epoch_s in (("lora-s1", 1, xeon, 60.0), ("lora-s2", 2, epyc, 90.0),
+                                        ("full-s1", 1, xeon, 120.0)):
+        res = make_results(rid, task="clm", method="full" if rid.startswith("full") else "lora", seed=seed,
+                           after={"perplexity": 20.0 + seed}, epoch_s=epoch_s, tokens_per_s=100.0 * seed)
+        res["machine"] = machine
+        runs.append((rid, res))
+    return make_store(tmp_path / "sweep", runs)
+
+
+def test_a_table_over_two_machines_blanks_its_speed_cells(tmp_path):
+    """Time per epoch and tokens/s compare only within one machine: blank, with a note, and no speed plot; the
+    metric and memory columns stay."""
+    folder = _two_machine_sweep(tmp_path)
+    (table,) = build_tables(read_sweep(folder).finished)
+    heads = table.headers()
+    for group in table.groups:
+        cells = dict(zip(heads, table.cells(group), strict=True))
+        assert cells["Time/Epoch (min) ↓"] == "n/a" and cells["Tokens/s ↑"] == "n/a"
+        assert cells["Perplexity ↓"] != "n/a" and cells["Memory (GB) ↓"] != "n/a"
+    assert any(n.startswith("Time/Epoch (min) and Tokens/s: left blank (n/a), since this table's runs were "
+                            "measured on 2 machines (EPYC Y; Xeon X)") for n in table.notes)
+    assert not any(s.startswith("Time per epoch relative") for s in table_findings(table))
+    made = write_report(folder, tmp_path / "out")
+    assert not any(p.name.endswith("-speed.png") for p in made.plots)
+
+
+def test_mixed_machines_keeps_the_speed_cells(tmp_path):
+    folder = _two_machine_sweep(tmp_path)
+    (table,) = build_tables(read_sweep(folder).finished, mixed_machines=True)
+    full = next(g for g in table.groups if g.first.method.name == "full")
+    cells = dict(zip(table.headers(), table.cells(full), strict=True))
+    assert cells["Time/Epoch (min) ↓"] == "2.00"
+    assert not any("left blank" in n for n in table.notes)
+    assert main(["report", str(folder), "--output-dir", str(tmp_path / "out"), "--mixed-machines"]) == 0
+    assert any(p.name.endswith("-speed.png") for p in (tmp_path / "out" / "plots").iterdir())
+
+
+def test_seed_table_fills_the_seeds_layout_with_intervals(tmp_path, capsys):
+    """`peftlab report --seed-table`: the seed's six columns from the measured rows, the metric with its bootstrap
+    interval, time and memory with a t-interval over seeds, and the seed's claims with what rules them out."""
+    from peftlab.report.seed_layout import seed_interval
+
+    runs = []
+    for seed, epoch_s in ((1, 60.0), (2, 72.0)):
+        runs.append((f"lora-s{seed}", make_results(f"lora-s{seed}", task="clm", method="lora", seed=seed,
+                                                   epoch_s=epoch_s, after={"perplexity": 20.0 + seed})))
+    folder = make_store(tmp_path / "sweep", runs)
+    assert main(["report", str(folder), "--output-dir", str(tmp_path / "out"), "--seed-table"]) == 0
+    text = (tmp_path / "out" / "seed_table.md").read_text()
+    assert text in capsys.readouterr().out
+    lo, hi = seed_interval([1.0, 1.2])
+    row = next(line for line in text.splitlines() if line.startswith("| smollm2-135m | LoRA | (8, 16) |"))
+    assert f"| 1.10 [{lo:.2f}, {hi:.2f}] (2 seeds) |" in row
+    assert "| Model | Training Type | (r, α) | Time/Epoch (min) ↓ | Perplexity ↓ | Memory (GB) ↓ |" in text
+    assert ("| Llama-2-7B | LoRA | 8 | 9 GB | not possible on one GPU: the frozen base's 6.74 B parameters in 16 "
+            "bits take 13.5 GB") in text
+    assert seed_interval([3.0]) is None

@@ -46,7 +46,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    results = run_training(load_config(None, tiny_overrides(tmp, **RESUMABLE)))
+    results = run_training(load_config(None, tiny_overrides(tmp, **RESUMABLE))).to_dict()
     return Path(results["run_dir"]), results
 
 
@@ -94,7 +94,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference_run):
 
 def test_same_seed_gives_identical_loss_curves(tmp_path, reference_run):
     ref_dir, _ = reference_run
-    again = run_training(load_config(None, tiny_overrides(tmp_path, **RESUMABLE)))
+    again = run_training(load_config(None, tiny_overrides(tmp_path, **RESUMABLE))).to_dict()
     assert losses(Path(again["run_dir"])) == losses(ref_dir)
 
 
@@ -122,7 +122,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch, ref
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "no half-written checkpoint may remain"
     assert (run_dir / "failed.json").exists() and not (run_dir / "results.json").exists()
 
-    results = run_training(cfg.model_copy(update={"resume": "auto"}))
+    results = run_training(cfg.model_copy(update={"resume": "auto"})).to_dict()
     assert results["resumed_from"].endswith("step-0000004")
     assert losses(run_dir) == pytest.approx(losses(ref_dir), abs=1e-6)
     assert_same_weights(adapter_weights(run_dir), adapter_weights(ref_dir))
@@ -174,7 +174,7 @@ def test_resume_refuses_a_different_run_but_accepts_logging_changes(tmp_path):
     with pytest.raises(UserError, match=r"different lr"):
         run_training(cfg.model_copy(update={"lr": 1.0, "resume": str(src), "output_dir": str(tmp_path / "a")}))
     ok = run_training(cfg.model_copy(update={"logging_steps": 3, "resume": str(src),
-                                             "output_dir": str(tmp_path / "b")}))
+                                             "output_dir": str(tmp_path / "b")})).to_dict()
     assert ok["resumed"] is True and ok["timing"]["optimizer_steps"] == 4
 
 

@@ -27,5 +27,5 @@ def test_smollm2_new_method_perplexity_falls(method, tmp_path, data_dir):
     cfg = load_config(None, {"model": "smollm2-135m", "method": method, "train_subset": 32, "eval_subset": 8,
                              "max_steps": 4, "batch_size": 2, "grad_accum": 1, "lr": LEARNING_RATES[method],
                              "output_dir": str(tmp_path / method)})
-    results = run_training(cfg)
+    results = run_training(cfg).to_dict()
     assert results["metrics"]["after"]["perplexity"] < results["metrics"]["before"]["perplexity"]

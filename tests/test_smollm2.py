@@ -15,7 +15,7 @@ from peftlab.train import run_training
 def test_smollm2_lora_few_steps(tmp_path, data_dir):
     cfg = load_config(None, dict(model="smollm2-135m", train_subset=16, eval_subset=8, batch_size=4, grad_accum=2,
                                  lr=1e-3, max_new_tokens=8, output_dir=str(tmp_path / "run")))
-    results = run_training(cfg)
+    results = run_training(cfg).to_dict()
     assert results["model"]["architecture"] == "LlamaForCausalLM"
     before, after = results["metrics"]["before"]["perplexity"], results["metrics"]["after"]["perplexity"]
     assert 5 < before < 500, "a pretrained model, not random init (random would be ~49k)"

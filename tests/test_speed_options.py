@@ -17,7 +17,7 @@ PLAIN = dict(chunked_ce=False, fused_optimizer=False, compile=False)
 def loss_curve(tmp_path: Path, name: str, **options) -> list[float]:
     overrides = tiny_overrides(tmp_path / name, train_subset=16, batch_size=4, grad_accum=2, epochs=2, dropout=0.0,
                                eval_before=False, **{**PLAIN, **options})
-    results = run_training(load_config(None, overrides))
+    results = run_training(load_config(None, overrides)).to_dict()
     rows = [json.loads(x) for x in open(Path(results["run_dir"]) / "metrics.jsonl")]
     return [r["loss"] for r in rows if "loss" in r]
 

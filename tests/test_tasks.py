@@ -58,7 +58,7 @@ def test_declarations_match_evaluate_and_phase_data_is_frozen(name: str, tmp_pat
     assert cls.tokens_per_example(cfg) >= 1
     task = cls(cfg)
     raw = task.load()
-    loaded = load_model(cfg, task_kind=cls.model_kind, **task.model_kwargs(raw))
+    loaded = load_model(cfg, model_kind=cls.model_kind, **task.model_kwargs(raw))
     data = task.prepare(raw, loaded.tokenizer, loaded.model)
     batch = task.train_batch(data, [0])
     assert float(task.loss(loaded.model, batch).detach()) > 0 and task.loss_count(batch) > 0

@@ -10,8 +10,9 @@ import torch
 
 from peftlab.configure import load_config
 from peftlab.evaluate import run_eval
+from peftlab.loop import step_micro_batches
 from peftlab.models import load_model
-from peftlab.train import run_training, step_micro_batches
+from peftlab.train import run_training
 from tests.conftest import tiny_overrides
 
 RESULT_FIELDS = {
@@ -26,7 +27,7 @@ RESULT_FIELDS = {
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     cfg = load_config(None, tiny_overrides(tmp, epochs=3))
-    return cfg, run_training(cfg)
+    return cfg, run_training(cfg).to_dict()
 
 
 def test_loss_falls_and_results_are_complete(lora_run):
@@ -83,7 +84,7 @@ def test_adapter_reload_gives_identical_logits(lora_run):
 
 def test_full_finetuning_saves_a_model(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path, method="full", lr=1e-3, eval_before=False))
-    results = run_training(cfg)
+    results = run_training(cfg).to_dict()
     assert results["artifact"]["kind"] == "model"
     assert results["params"]["trainable_percent"] == 100.0
     assert results["metrics"]["before"] is None and results["metrics"]["after"]["perplexity"] > 0

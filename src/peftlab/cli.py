@@ -72,12 +72,25 @@ def field_help(name: str) -> str:
     text = (info.description or name).rstrip(".")
     if name == "method":
         text += f": {' | '.join(method_names())}"
+    if name == "task":
+        text += ": {tasks}"
     default = info.get_default(call_default_factory=True)
     if isinstance(default, list):
         default = ",".join(map(str, default))
     shown = f" (default {default}{owners})" if default is not None and not isinstance(default, bool) else \
         (f" ({owners.removeprefix('; ')})" if owners else "")
-    return (text + shown).replace("%", "%%")
+    help_text = (text + shown).replace("%", "%%")
+    return TaskHelp(help_text) if name == "task" else help_text
+
+
+class TaskHelp(str):
+    """The --task help. argparse expands a help string (``help % params``) only when it shows it, and only then are
+    the registered tasks listed: importing them imports torch, which parsing the arguments does not need."""
+
+    def __mod__(self, params: Any) -> str:
+        from peftlab.tasks import task_names
+
+        return str.__mod__(self.replace("{tasks}", " | ".join(task_names())), params)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, fields: Sequence[str] | None = None) -> None:
@@ -189,12 +202,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from peftlab import sweep
+    from peftlab.sweep.executor import build_executor
 
     out = args.output_dir or str(Path("sweeps") / Path(args.sweep_file).stem)
+    if args.calibrate:
+        from peftlab.sweep.calibrate import cli_calibrate
+
+        return cli_calibrate(args.sweep_file, out)
+    spec = sweep.load_sweep(args.sweep_file)  # a bad sweep file fails before any executor starts
+    executor = build_executor(args.executor, _executor_options(args), spec.slurm)
     if args.dry_run:
-        print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed)))
+        try:
+            print(sweep.format_preview(sweep.preview_sweep(args.sweep_file, out, args.retry_failed, executor.slots)))
+        finally:
+            executor.close()
         return 0
-    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed, on_progress=sweep.ProgressBar())
+    outcome = sweep.run_sweep(args.sweep_file, out, args.retry_failed, on_progress=sweep.ProgressBar(),
+                              executor=executor)
     for run_id, error in outcome.failed.items():
         print(f"failed: {run_id}: {error} (log: {Path(out) / 'logs' / (run_id + '.log')})", file=sys.stderr)
     if outcome.failed:
@@ -203,12 +227,47 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
+def _executor_options(args: argparse.Namespace):
+    from peftlab.sweep.executor import ExecutorOptions
+
+    slurm = {"partition": args.slurm_partition, "time": args.slurm_time, "gpus_per_task": args.slurm_gpus_per_task,
+             "cpus_per_task": args.slurm_cpus_per_task, "array_parallelism": args.slurm_array_parallelism,
+             "cluster": args.slurm_cluster}
+    return ExecutorOptions(parallel=args.parallel, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+                           ray_address=args.ray_address, slurm=slurm)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from peftlab.report import write_report
 
-    made = write_report(args.sweep_dir, args.output_dir, args.readme)
+    made = write_report(args.sweep_dir, args.output_dir, args.readme, args.mixed_machines, args.seed_table)
+    if made.seed_table is not None:
+        print(made.seed_table.read_text(encoding="utf-8"))
     print("\n".join(f"{what}: {path}" for what, path in made.summary_lines()))
     return 0
+
+
+def _add_executor_arguments(sweep: argparse.ArgumentParser) -> None:
+    """Where the sweep's runs start (docs/distributed.md: Sweeps on many GPUs and nodes)."""
+    group = sweep.add_argument_group("executor", "where each run's process starts (ray and slurm: "
+                                     "pip install 'peftlab[cluster]')")
+    group.add_argument("--executor", default="local", metavar="{local,ray,slurm}",
+                       help="local: slots on this machine (default); ray: one Ray task per run; slurm: one "
+                            "submitit job-array task per run")
+    group.add_argument("--parallel", type=int, metavar="N",
+                       help="runs at once (local default: one per visible GPU, 1 on CPU; ray: as many as fit)")
+    group.add_argument("--gpus-per-run", type=int, metavar="K", help="GPUs each run gets (default 1 with GPUs)")
+    group.add_argument("--cpus-per-run", type=int, metavar="C",
+                       help="ray: CPUs each run's task takes (its torch threads)")
+    group.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                       help="ray: join this cluster (default: start a local Ray instance)")
+    group.add_argument("--slurm-partition", help="slurm: the partition")
+    group.add_argument("--slurm-time", type=int, metavar="MINUTES", help="slurm: time limit per run")
+    group.add_argument("--slurm-gpus-per-task", type=int, metavar="K", help="slurm: GPUs per run")
+    group.add_argument("--slurm-cpus-per-task", type=int, metavar="C", help="slurm: CPUs per run")
+    group.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="slurm: runs at once (default 256)")
+    group.add_argument("--slurm-cluster", choices=("slurm", "local"),
+                       help="slurm: 'local' runs the same job code with submitit's local executor (no SLURM)")
 
 
 def _add_study_commands(sub: Any) -> None:
@@ -217,6 +276,9 @@ def _add_study_commands(sub: Any) -> None:
     sweep.add_argument("--output-dir", help="store, runs and logs (default: sweeps/<sweep file name>)")
     sweep.add_argument("--retry-failed", action="store_true", help="also redo runs that failed before")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; run nothing")
+    sweep.add_argument("--calibrate", action="store_true", help="time one short run per row on this machine and "
+                       "write OUTPUT_DIR/calibration.json, which --dry-run and the ETA then use")
+    _add_executor_arguments(sweep)
     sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="tables, plots and an HTML report from a sweep's store")
     report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --output-dir of `peftlab sweep`")
@@ -224,6 +286,13 @@ def _add_study_commands(sub: Any) -> None:
     report.add_argument("--readme", metavar="README.md",
                         help="also write the tables and findings into this file, between its "
                              "'<!-- study:start -->' and '<!-- study:end -->' lines")
+    report.add_argument("--mixed-machines", action="store_true",
+                        help="show time and speed cells of tables whose runs were measured on several machines "
+                             "(blank by default: they compare only within one machine)")
+    report.add_argument("--seed-table", action="store_true",
+                        help="also print and write seed_table.md: the seed's layout (Model | Training Type | (r, α) "
+                             "| Time/Epoch | metric | Memory) from the measured rows, each cell with its interval, "
+                             "beside the seed's own claims")
     report.set_defaults(func=cmd_report)
 
 

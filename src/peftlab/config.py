@@ -23,7 +23,7 @@ RUN_DEFINING_FIELDS = (
     "model", "revision", "precision", "task", "dataset", "eval_dataset", "text_column", "text_pair_column",
     "label_column", "block_size", "max_length", "train_subset", "method", "lr", "epochs", "max_steps",
     "batch_size", "grad_accum", "warmup_ratio", "warmup_steps", "scheduler", "weight_decay", "max_grad_norm",
-    "seed", "prompt_template", "packing", "gradient_checkpointing", "strategy",
+    "seed", "prompt_template", "packing", "gradient_checkpointing", "strategy", "chat_loss", "chat_format",
 )
 
 
@@ -49,7 +49,7 @@ class RunConfig(BaseModel):
         "gradients and optimizer states sharded over the processes; full and the LoRA family).")
 
     # --- task and data -------------------------------------------------------------------------------------
-    task: str = Field("clm", description="clm | classification | instruction.")
+    task: str = Field("clm", description="Task (each declares its own settings: peftlab.tasks).")
     dataset: str = Field("wikitext-2-raw-v1", description="Dataset name, hub id, or a local file.")
     eval_dataset: str | None = Field(None, description="Evaluation dataset or file (default: the dataset's "
                                      "evaluation split).")
@@ -66,6 +66,11 @@ class RunConfig(BaseModel):
     prompt_template: Literal["auto", "alpaca", "chat"] = Field(
         "auto", description="Instruction prompt: the model's chat template if it has one (auto), or Alpaca.")
     packing: bool = Field(False, description="Pack instruction examples into full sequences instead of padding.")
+    chat_loss: Literal["all", "last"] = Field(
+        "all", description="Chat records: learn every assistant turn (all) or only the last one (last).")
+    chat_format: Literal["auto", "messages", "sharegpt"] = Field(
+        "auto", description="Chat data layout: 'messages' ({role, content}), 'sharegpt' ('conversations' of "
+        "{from, value}), or auto (by the column present).")
     max_new_tokens: int = Field(64, gt=0, description="Generation length for samples and generation metrics.")
     generation_subset: int | None = Field(None, gt=0, description="Examples scored by generation (instruction).")
 
@@ -79,6 +84,9 @@ class RunConfig(BaseModel):
     batch_size: int = Field(4, gt=0, description="Examples per micro-batch (per process).")
     eval_batch_size: int | None = Field(None, gt=0, description="Examples per evaluation batch (default: "
                                         "batch_size).")
+    generation_batch_size: int | None = Field(None, gt=0, description="Prompts per greedy-generation batch, "
+                                              "left-padded (default: eval_batch_size); generation is cheap per "
+                                              "prompt, so larger batches than training's cut evaluation time.")
     grad_accum: int = Field(8, gt=0, description="Micro-batches per optimizer step.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR schedule after warmup.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warmup.")
@@ -197,11 +205,6 @@ def validation_messages(err: ValidationError) -> list[str]:
         else:
             out.append(msg)
     return out
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """Every pydantic error of one validation in one actionable line naming the fields."""
-    return f"{source}: " + "; ".join(validation_messages(err))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 A config comes from YAML (``--config``) and CLI overrides; both pass through :func:`load_config` /
 :func:`build_config`, which report every invalid field in one actionable line (:class:`~peftlab.errors.UserError`).
 Run-level fields are RunConfig's; the chosen method's fields model validates, coerces and default-fills the method
-fields, which RunConfig then carries as extras (``cfg.r``, ``cfg.method_fields()``, ``cfg.is_set("r")``).
+fields, which RunConfig then carries as extras (``cfg.r``, ``cfg.method_fields()``, ``cfg.is_set("r")``). A task's
+settings that need something of the method (``Task.fields.needs``: packing needs a method that can pack) are
+checked against the chosen method here too.
 """
 
 from __future__ import annotations
@@ -82,12 +84,23 @@ def build_config(data: dict[str, Any], source: str = "command line") -> RunConfi
         RunConfig(**run_data)
     except ValidationError as err:
         problems += validation_messages(err)
+    if method is not None and task in TASKS:
+        problems += unmet_needs(TASKS[task], method, run_data)
     if problems:
         hint = "; see `peftlab train --help`" if unknown else ""
         raise UserError(f"{source}: " + "; ".join(problems) + hint)
     cfg = RunConfig(**run_data, **method_values)
     cfg._user_set = frozenset(given)
     return cfg
+
+
+def unmet_needs(task, method, run_data: dict[str, Any]) -> list[str]:
+    """A problem for each of the task's settings that is on and needs a capability the method lacks
+    (``TaskFields.needs``: packing needs the method's "packing")."""
+    reasons = method.unsupported_reasons()
+    return [f"field {name!r}: method {method.name!r} {reasons[capability]}"
+            for name, capability in task.fields.needs.items()
+            if run_data.get(name, field_default(name)) and capability in reasons]
 
 
 def precision_from_dtype(data: dict[str, Any], source: str, problems: list[str]) -> dict[str, Any]:
@@ -119,11 +132,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     data: dict[str, Any] = read_yaml(path) if path else {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build_config(data, str(path) if path else "command line")
-
-
-def method_field_default(method: str, name: str) -> Any:
-    """A method field's default (CLI help and the planner read it from the method's fields model)."""
-    return get_method(method).fields.model_fields[name].get_default(call_default_factory=True)
 
 
 def config_from_saved(config: dict[str, Any], source: str = SAVED_SOURCE) -> RunConfig:

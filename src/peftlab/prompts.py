@@ -1,9 +1,17 @@
-"""Instruction prompts: Alpaca or chat-template rendering, response-only labels, truncation, padding and packing.
+"""Instruction prompts: Alpaca or chat-template rendering, assistant-only labels, truncation, padding and packing.
 
-An example is a conversation before the response plus the response. It is rendered to a prompt string (what the
-model sees at generation time) and tokenized as ``prompt_ids + response_ids + [EOS]``; only the response ids and the
-EOS carry loss, so the model learns to answer and to stop. The prompt is tokenized on its own, exactly as it is at
-generation time, so training and generation see the same prompt tokens.
+An example is a conversation before the last response plus that response. It is rendered to text and cut into
+pieces that alternate between masked text (system, user and tool turns, the template's markup) and learned text
+(an assistant turn). Each piece is tokenized on its own, so the tokens before the last response are exactly the
+prompt that generation is given. A learned piece is the assistant's content plus the template's end-of-turn token
+(``<|im_end|>``, ``<end_of_turn>``); the Alpaca template has none, so its last response ends with EOS. Either way
+the model learns to answer and to stop.
+
+Which assistant turns are learned: every one (``learn="all"``, the default, as TRL's ``assistant_only_loss``,
+axolotl and torchtune do) or only the last (``learn="last"``). With a chat template the pieces come from the
+template itself: each assistant turn starts where the rendering of the conversation before it, with the
+generation prompt, ends, and stops where the rendering through it ends (as TRL finds assistant spans). Each
+learned piece is checked to be exactly the turn's content followed by one end-of-turn token.
 """
 
 from __future__ import annotations
@@ -70,23 +78,50 @@ def choose_template(requested: str, tokenizer) -> str:
     return requested
 
 
+#: Learn every assistant turn of a conversation, or only its last (the response generation metrics score).
+CHAT_LOSS = ("all", "last")
+
+
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized example: ``ids = prompt + response (+ EOS)``; the first ``prompt_len`` ids carry no loss."""
+    """A tokenized conversation. ``ids[:prompt_len]`` is the prompt of the last response (what generation is
+    given); ``spans`` are the ``[start, stop)`` token ranges that carry loss (the learned assistant turns)."""
 
     ids: list[int]
     prompt_len: int
     prompt: str
     reference: str
     truncated: bool = False
+    spans: tuple[tuple[int, int], ...] | None = None  # None: everything after the prompt
+
+    @property
+    def learned_spans(self) -> tuple[tuple[int, int], ...]:
+        return self.spans if self.spans is not None else ((self.prompt_len, len(self.ids)),)
+
+    @property
+    def prompt_fits(self) -> bool:
+        """The whole prompt of the last response is kept (generation and its metrics need it)."""
+        return self.prompt_len < len(self.ids)
 
     @property
     def labels(self) -> list[int]:
-        return [IGNORE_INDEX] * self.prompt_len + self.ids[self.prompt_len:]
+        labels = [IGNORE_INDEX] * len(self.ids)
+        for start, stop in self.learned_spans:
+            labels[start:stop] = self.ids[start:stop]
+        return labels
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of a rendered conversation: masked markup and turns, or an assistant turn to learn."""
+
+    text: str
+    learned: bool
+    turn: int = 0  # the message number (1-based) of an assistant piece
 
 
 class PromptEncoder:
-    """Renders and tokenizes examples with one template for one tokenizer."""
+    """Renders and tokenizes conversations with one template for one tokenizer."""
 
     def __init__(self, tokenizer, template: str, max_length: int) -> None:
         if tokenizer.eos_token_id is None:
@@ -95,40 +130,119 @@ class PromptEncoder:
         self.template = template
         self.max_length = max_length
         self.eos_id = int(tokenizer.eos_token_id)
+        self.end_of_turn_id = self._end_of_turn_id() if template == "chat" else None
 
-    def prompt_text(self, example: Example) -> str:
-        """What the model is given at generation time."""
-        if self.template == "alpaca":
-            return render_alpaca(example)
-        return self.tokenizer.apply_chat_template(list(example.messages), tokenize=False, add_generation_prompt=True)
+    @property
+    def stop_ids(self) -> list[int]:
+        """The tokens that end a generated answer: EOS and the chat template's end-of-turn token."""
+        return sorted({self.eos_id, *([self.end_of_turn_id] if self.end_of_turn_id is not None else [])})
 
-    def response_text(self, example: Example, prompt: str) -> str:
-        """The response as the template writes it (with the chat template's end-of-turn marker, if any)."""
-        if self.template == "alpaca":
-            return example.response
-        full = self.tokenizer.apply_chat_template(
-            [*example.messages, {"role": "assistant", "content": example.response}], tokenize=False)
-        if not full.startswith(prompt):
-            raise UserError("prompt_template: the model's chat template does not render the prompt as a prefix of "
-                            "the full conversation, so the response cannot be masked; use --set "
-                            "prompt_template=alpaca")
-        return full[len(prompt):].rstrip()
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as exc:  # jinja raises TemplateError (and raise_exception's own) for what it refuses
+            raise UserError(f"prompt_template: the model's chat template refuses this conversation "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix the roles' "
+                            "order or use --set prompt_template=alpaca") from None
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a prompt (special tokens added only for Alpaca; a chat template writes its own)."""
-        return self.tokenizer(prompt, add_special_tokens=self.template == "alpaca")["input_ids"]
-
-    def encode(self, example: Example) -> Encoded | None:
-        """Tokenize one example, truncating the response to fit ``max_length``; None if the prompt fills it."""
-        prompt = self.prompt_text(example)
-        p_ids = self.prompt_ids(prompt)
-        r_ids = self.tokenizer(self.response_text(example, prompt), add_special_tokens=False)["input_ids"]
-        if not r_ids or r_ids[-1] != self.eos_id:
-            r_ids = [*r_ids, self.eos_id]
-        room = self.max_length - len(p_ids)
-        if room < 1:
+    def _end_of_turn_id(self) -> int | None:
+        """The single token the chat template writes right after an assistant's content, if it writes one."""
+        probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+        try:
+            prompt, full = self._render(probe[:1], True), self._render(probe)
+        except UserError:
             return None
-        return Encoded(p_ids + r_ids[:room], len(p_ids), prompt, example.response, truncated=len(r_ids) > room)
+        marker = full[len(prompt):].rstrip().removeprefix("a") if full.startswith(prompt) else ""
+        ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+        return int(ids[0]) if len(ids) == 1 else None
+
+    def pieces(self, example: Example) -> list[Piece]:
+        """The conversation as alternating masked and assistant pieces (every assistant turn marked learned)."""
+        if self.template == "alpaca":
+            return self._alpaca_pieces(example)
+        conversation = [*example.messages, {"role": "assistant", "content": example.response}]
+        full = self._render(conversation)
+        out: list[Piece] = []
+        done = 0
+        for k, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            start = len(self._prefix_of(full, self._render(conversation[:k], generation_prompt=True)))
+            stop = len(self._prefix_of(full, self._render(conversation[:k + 1])).rstrip())
+            out += [Piece(full[done:start], False), Piece(full[start:stop], True, k + 1)]
+            self._check_turn(full[start:stop], message["content"], k + 1)
+            done = stop
+        return out
+
+    @staticmethod
+    def _prefix_of(full: str, part: str) -> str:
+        if not full.startswith(part):
+            raise UserError("prompt_template: the model's chat template does not render the conversation before an "
+                            "assistant turn as a prefix of the whole conversation, so the turn cannot be masked; "
+                            "use --set prompt_template=alpaca")
+        return part
+
+    def _check_turn(self, text: str, content: str, turn: int) -> None:
+        """An assistant piece must be the turn's content (as written, or trimmed as some templates do) followed by
+        the template's end-of-turn token, so that exactly the answer and its stop carry loss."""
+        for written in (content, content.strip()):
+            rest = text.removeprefix(written) if text.startswith(written) else None
+            if rest is None:
+                continue
+            ids = self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+            if ids == ([self.end_of_turn_id] if self.end_of_turn_id is not None else []):
+                return
+        raise UserError(f"prompt_template: the model's chat template writes message {turn} (assistant) as "
+                        f"{text[:60]!r}, not as its content followed by one end-of-turn token, so the turn cannot be "
+                        "learned exactly; use --set prompt_template=alpaca")
+
+    @staticmethod
+    def _alpaca_pieces(example: Example) -> list[Piece]:
+        """The Alpaca rendering (:func:`render_alpaca`) cut at each assistant turn."""
+        if example.instruction is not None:
+            return [Piece(render_alpaca(example), False), Piece(example.response, True, 2)]
+        out: list[Piece] = []
+        masked = ""
+        for number, message in enumerate([*example.messages, {"role": "assistant", "content": example.response}],
+                                         start=1):
+            if message["role"] == "assistant":
+                out += [Piece(masked + "### Response:\n", False), Piece(message["content"], True, number)]
+                masked = "\n\n"
+            elif message["role"] == "system":
+                masked += f"{message['content']}\n\n"
+            else:
+                masked += f"### Instruction:\n{message['content']}\n\n"
+        return out
+
+    def _tokens(self, text: str, first: bool) -> list[int]:
+        """Token ids of one piece (special tokens added only at the start of an Alpaca prompt; a chat template
+        writes its own)."""
+        return self.tokenizer(text, add_special_tokens=first and self.template == "alpaca")["input_ids"]
+
+    def encode(self, example: Example, learn: str = "all") -> Encoded | None:
+        """Tokenize one conversation, cut to ``max_length``; None when no learned token fits (for ``learn="last"``:
+        when the last prompt fills ``max_length``)."""
+        pieces = self.pieces(example)
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        prompt_len = 0
+        for index, piece in enumerate(pieces):
+            tokens = self._tokens(piece.text, index == 0)
+            last = index == len(pieces) - 1
+            if last:
+                prompt_len = len(ids)
+                if not tokens or tokens[-1] not in self.stop_ids:
+                    tokens = [*tokens, self.eos_id]  # where the template writes no end-of-turn token
+            if piece.learned and (learn == "all" or last):
+                spans.append((len(ids), len(ids) + len(tokens)))
+            ids += tokens
+        limit = self.max_length
+        kept = tuple((start, min(stop, limit)) for start, stop in spans if start < limit)
+        if not kept:
+            return None
+        return Encoded(ids[:limit], prompt_len, "".join(p.text for p in pieces[:-1]), example.response,
+                       truncated=any(stop > limit for _, stop in spans), spans=kept)
 
 
 def pad_batch(items: list[Encoded], pad_id: int, device: torch.device | None = None) -> dict[str, torch.Tensor]:

@@ -12,7 +12,9 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -40,7 +42,8 @@ TRACKED_PACKAGES = ("peftlab", "torch", "transformers", "peft", "accelerate", "b
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see either the old content or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # unique per process, host and call: writers on different nodes of a shared filesystem never share a temp file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
@@ -88,7 +91,10 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.machine(),
                             "cpu": cpu_model_name(), "cpu_native_bf16": detect("cpu").native_bf16,
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            # where a sweep ran it (peftlab.sweep.jobs sets the executor)
+                            "host": socket.gethostname(), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "executor": os.environ.get("PEFTLAB_EXECUTOR")}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
         info["cuda_version"] = torch.version.cuda
@@ -130,11 +136,16 @@ class RunDir:
             raise UserError(f"output_dir {str(path)!r} is a file; choose a folder")
         if is_writer:
             path.mkdir(parents=True, exist_ok=True)
-            stale = [RESULTS_FILE, FAILED_FILE] + ([] if resuming else [METRICS_FILE, EXAMPLES_FILE])
-            for name in stale:
+            run.clear_outcome()
+            for name in [] if resuming else [METRICS_FILE, EXAMPLES_FILE]:
                 (path / name).unlink(missing_ok=True)
             atomic_write_text(path / CONFIG_FILE, yaml.safe_dump(reloadable_config(cfg), sort_keys=False))
         return run
+
+    def clear_outcome(self) -> None:
+        """Remove an earlier attempt's results.json or failed.json (before the folder runs again)."""
+        for name in (RESULTS_FILE, FAILED_FILE):
+            (self.path / name).unlink(missing_ok=True)
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         """Append one line to metrics.jsonl."""
@@ -179,7 +190,8 @@ class Section(BaseModel):
 
 class ModelInfo(Section):
     name: str | None = None
-    source: str | None = None
+    source: str | None = None  # the local folder (or hub id) the base was loaded from
+    adapter_base: str | None = None  # the base as adapter_config.json names it: its hub id where known
     architecture: str | None = None
     dtype: str | None = None
     device: str | None = None
@@ -382,6 +394,11 @@ class RunRecord(BaseModel):
                             "cut short or corrupted); rerun the run or remove the file") from None
         return cls.from_dict(data, source)
 
+    @staticmethod
+    def exists(run_dir: str | Path) -> bool:
+        """Whether the folder holds a results.json (a finished run's, or one that a reader will refuse)."""
+        return (Path(run_dir) / RESULTS_FILE).is_file()
+
     @classmethod
     def read(cls, run_dir: str | Path) -> RunRecord:
         """Load a finished run's results.json (schema 1 or 2)."""
@@ -419,6 +436,11 @@ class RunRecord(BaseModel):
         """A benchmark's forgetting (after - before) in one metric, with its interval, or None."""
         result = (self.benchmarks or {}).get(name)
         return (result.forgetting or {}).get(metric) if result is not None else None
+
+    def baseline_key(self) -> str | None:
+        """The key of the shared baseline evaluation this run's "before" metrics came from (peftlab.baseline)."""
+        key = (self.metrics.before or {}).get("baseline_key")
+        return str(key) if key else None
 
     def metric(self, key: str, stage: str = "after") -> float | None:
         """A numeric metric of the 'before' or 'after' evaluation, or None."""

@@ -24,9 +24,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import UserError
+
+if TYPE_CHECKING:
+    from peftlab.record import RunRecord
 
 #: tracker name -> the module that must be importable for it.
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
@@ -207,19 +210,17 @@ def log_eval(accelerator, metrics: dict[str, Any] | None, step: int, prefix: str
         accelerator.log(_scalars(prefix, metrics), step=step)
 
 
-def log_results(accelerator, results: dict[str, Any]) -> None:
-    """The final results (schema-1 keys of results.json) at the last step."""
+def log_results(accelerator, record: RunRecord) -> None:
+    """The run's final figures (from its record) at the last step."""
     if not accelerator.trackers:
         return
-    timing, memory = results.get("timing") or {}, results.get("memory") or {}
-    final = {"train_time_s": timing.get("train_time_s"), "tokens_per_s": timing.get("tokens_per_s"),
-             "load_time_s": timing.get("load_time_s"), "eval_time_s": timing.get("eval_time_s"),
-             "peak_memory_gb": memory.get("headline_gb"),
-             "trainable_params": (results.get("params") or {}).get("trainable_params"),
-             "final_train_loss": (results.get("metrics") or {}).get("final_train_loss")}
-    step = int(timing.get("optimizer_steps") or 0)
-    accelerator.log({**_scalars("final", final), **_scalars("eval", (results.get("metrics") or {}).get("after"))},
-                    step=step)
+    timing = record.timing
+    final = {"train_time_s": timing.train_time_s, "tokens_per_s": timing.tokens_per_s,
+             "load_time_s": timing.load_time_s, "eval_time_s": timing.eval_time_s,
+             "peak_memory_gb": record.memory.headline_gb, "trainable_params": record.params.trainable_params,
+             "final_train_loss": record.metrics.final_train_loss}
+    step = int(timing.optimizer_steps or 0)
+    accelerator.log({**_scalars("final", final), **_scalars("eval", record.metrics.after)}, step=step)
 
 
 def finish(accelerator) -> None:

@@ -111,7 +111,7 @@ def required_files(name: str, bench_dir: Path) -> list[Path]:
 
 def render_shipped(names: list[str], data_dir: Path | None) -> Path:
     """The shipped YAMLs with the data dir filled in, in a cache folder keyed by the data dir and the templates."""
-    from peftlab.models import _publish_atomically, cache_dir
+    from peftlab.models import cache_dir, publish_atomically
 
     bench = benchmarks_dir(data_dir)
     if bench is None:
@@ -132,7 +132,7 @@ def render_shipped(names: list[str], data_dir: Path | None) -> Path:
             text = t.read_text(encoding="utf-8").replace(PLACEHOLDER, str(bench.resolve()))
             (tmp / t.name).write_text(text, encoding="utf-8")
 
-    return _publish_atomically(build, cache_dir() / "evals" / f"tasks-{key.hexdigest()[:16]}")
+    return publish_atomically(build, cache_dir() / "evals" / f"tasks-{key.hexdigest()[:16]}")
 
 
 def check_builtin(names: list[str]) -> None:

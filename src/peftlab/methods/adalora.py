@@ -60,11 +60,11 @@ class Adalora(pt.PeftTunerMethod):
     def run_id_part(self, fields: dict[str, Any]) -> str:
         return f"-r{fields['init_r']}t{fields['target_r']}a{float(fields['alpha']):g}"
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import AdaLoraConfig
 
         # total_step is set by begin_training once the loop knows it; peft's config needs a valid one now.
-        return AdaLoraConfig(task_type=pt.peft_task_type(task_kind), init_r=cfg.init_r, target_r=cfg.target_r,
+        return AdaLoraConfig(task_type=pt.peft_task_type(model_kind), init_r=cfg.init_r, target_r=cfg.target_r,
                              lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, tinit=cfg.tinit, tfinal=cfg.tfinal,
                              deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2,
                              orth_reg_weight=cfg.orth_reg_weight, total_step=cfg.tinit + cfg.tfinal + 1,

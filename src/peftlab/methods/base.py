@@ -29,9 +29,9 @@ CAPABILITIES = ("merge", "packing", "quantized_base", "classification", "causal_
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def peft_task_type(task_kind: str) -> str:
+def peft_task_type(model_kind: str) -> str:
     """peft's TaskType value for a task kind ("causal_lm" -> "CAUSAL_LM", "seq_cls" -> "SEQ_CLS")."""
-    return task_kind.upper()
+    return model_kind.upper()
 
 
 def plan_targets(arch: Any, plan_input: Any, default: Sequence[str] | None = None) -> list[str]:
@@ -146,14 +146,14 @@ class Method:
 
     # --- behaviour -------------------------------------------------------------------------------------------
 
-    def task_capability(self, task_kind: str) -> str:
+    def task_capability(self, model_kind: str) -> str:
         """The capability name of a task kind ("causal_lm" -> "causal_lm", "seq_cls" -> "classification")."""
-        return "classification" if task_kind == "seq_cls" else task_kind
+        return "classification" if model_kind == "seq_cls" else model_kind
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         """Turn the loaded base model into the model to train.
 
-        ``task_kind`` is "causal_lm" or "seq_cls"; ``new_modules`` are the base model's newly initialised modules
+        ``model_kind`` is "causal_lm" or "seq_cls"; ``new_modules`` are the base model's newly initialised modules
         (a classification head) that must be trained and saved with the adapter (peft ``modules_to_save``).
         """
         raise NotImplementedError
@@ -183,6 +183,17 @@ class Method:
     def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
         """This method's terms of the memory plan for a model's shapes (``peftlab.plan``)."""
         raise NotImplementedError
+
+    #: Training FLOPs per token (PaLM appendix B; N: :meth:`Arch.flop_weights`, T the sequence length, d_attn the
+    #: attention width): a frozen weight costs 4 FLOPs per token (forward, and the gradient of the activations),
+    #: a trained one 6 (plus its own gradient). What :meth:`train_flops_per_token` computes.
+    flops_formula: ClassVar[str] = "4*N + 6*N_trainable + 12*L*T*d_attn"
+
+    def train_flops_per_token(self, arch: Any, plan_input: Any) -> float:
+        """Training FLOPs per token of this method on a model's shapes (:attr:`flops_formula`): the frozen base's
+        matmuls, the trainable parameters of :meth:`plan_terms` and the attention term."""
+        trainable = self.plan_terms(arch, plan_input).trainable_params
+        return 4 * arch.flop_weights() + 6 * trainable + arch.attention_flops_per_token(plan_input.seq_len)
 
     def activation_element_bytes(self, plan_input: Any) -> int:
         """Bytes per saved activation element: the compute dtype's (a 4-bit base computes in it too)."""

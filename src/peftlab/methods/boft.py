@@ -56,10 +56,10 @@ class Boft(pt.PeftTunerMethod):
     mergeable = True
     unsupported = {"quantized_base": pt.NO_4BIT}
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import BOFTConfig
 
-        return BOFTConfig(task_type=pt.peft_task_type(task_kind), boft_block_size=cfg.boft_block_size,
+        return BOFTConfig(task_type=pt.peft_task_type(model_kind), boft_block_size=cfg.boft_block_size,
                           boft_block_num=cfg.boft_block_num, boft_n_butterfly_factor=cfg.boft_n_butterfly_factor,
                           boft_dropout=cfg.boft_dropout, target_modules=pt.model_targets(model, cfg),
                           **pt.save_modules(new_modules))

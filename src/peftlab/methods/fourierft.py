@@ -35,10 +35,10 @@ class Fourierft(pt.PeftTunerMethod):
     def run_id_part(self, fields: dict[str, Any]) -> str:
         return f"-n{fields['n_frequency']}"
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import FourierFTConfig
 
-        return FourierFTConfig(task_type=pt.peft_task_type(task_kind), n_frequency=cfg.n_frequency,
+        return FourierFTConfig(task_type=pt.peft_task_type(model_kind), n_frequency=cfg.n_frequency,
                                scaling=cfg.scaling, random_loc_seed=cfg.random_loc_seed,
                                target_modules=pt.model_targets(model, cfg), **pt.save_modules(new_modules))
 

@@ -30,7 +30,13 @@ class Full(Method):
                                 "lost; that needs stochastic rounding or Kahan summation); use --precision "
                                 "bf16-mixed, which keeps fp32 master weights"}
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    flops_formula = "6*N + 12*L*T*d_attn"
+
+    def train_flops_per_token(self, arch: Any, plan_input: Any) -> float:
+        """Every matmul weight is trained: 6 FLOPs per weight and token, plus the attention term."""
+        return 6 * arch.flop_weights() + arch.attention_flops_per_token(plan_input.seq_len)
+
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         for param in model.parameters():
             param.requires_grad_(True)
         return model
@@ -47,5 +53,5 @@ class Full(Method):
                          activation_bytes_per_token_layer=a * (4 * h + arch.intermediate_size),
                          activation_bytes_per_token_head=2 * a * h, gradients_held_bytes=held,
                          # bf16-mixed: autocast's bf16 copies of the fp32 matmul weights live through the step
-                         autocast_copy_bytes=2 * arch.matmul_params() if plan_input.precision == "bf16-mixed"
+                         autocast_copy_bytes=2 * arch.matmul_params() if plan_input.precision_traits.autocasts
                          else 0)

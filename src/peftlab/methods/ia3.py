@@ -36,7 +36,7 @@ class Ia3(Method):
     fields = Ia3Fields
     mergeable = True
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         from peft import IA3Config, get_peft_model
 
         from peftlab.methods.targets import resolve_targets
@@ -45,7 +45,7 @@ class Ia3(Method):
         if cfg.target_modules is not None:
             targets = resolve_targets(model, cfg.target_modules, user_set=True)
             feedforward = [t for t in targets if t in FEEDFORWARD_NAMES]
-        return get_peft_model(model, IA3Config(task_type=peft_task_type(task_kind), target_modules=targets,
+        return get_peft_model(model, IA3Config(task_type=peft_task_type(model_kind), target_modules=targets,
                                                feedforward_modules=feedforward,
                                                modules_to_save=list(new_modules) or None))
 

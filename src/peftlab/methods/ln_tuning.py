@@ -50,11 +50,11 @@ class LnTuning(pt.PeftTunerMethod):
     fields = LnTuningFields
     mergeable = True
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import LNTuningConfig
 
         targets = resolve_norms(model, list(cfg.target_modules), cfg.is_set("target_modules"))
-        return LNTuningConfig(task_type=pt.peft_task_type(task_kind), target_modules=targets,
+        return LNTuningConfig(task_type=pt.peft_task_type(model_kind), target_modules=targets,
                               **pt.save_modules(new_modules))
 
     def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:

@@ -51,10 +51,10 @@ class Lokr(pt.PeftTunerMethod):
     shows_rank = True
     unsupported = {"quantized_base": pt.NO_4BIT}
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import LoKrConfig
 
-        return LoKrConfig(task_type=pt.peft_task_type(task_kind), r=cfg.r, alpha=cfg.alpha,
+        return LoKrConfig(task_type=pt.peft_task_type(model_kind), r=cfg.r, alpha=cfg.alpha,
                           rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
                           decompose_both=cfg.decompose_both, decompose_factor=cfg.decompose_factor,
                           target_modules=pt.model_targets(model, cfg), **pt.save_modules(new_modules))

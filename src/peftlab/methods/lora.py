@@ -36,20 +36,20 @@ class Lora(Method):
             return None
         return 0 if (fields.get("r"), float(fields.get("alpha", 0))) == (8, 16.0) else 1
 
-    def lora_config(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str]):
+    def lora_config(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str]):
         from peft import LoraConfig
 
         from peftlab.methods.targets import resolve_targets
 
         targets = resolve_targets(model, cfg.target_modules, cfg.is_set("target_modules"))
-        return LoraConfig(task_type=peft_task_type(task_kind), r=cfg.r, lora_alpha=cfg.alpha,
+        return LoraConfig(task_type=peft_task_type(model_kind), r=cfg.r, lora_alpha=cfg.alpha,
                           lora_dropout=cfg.dropout, target_modules=targets, bias=cfg.bias,
                           modules_to_save=list(new_modules) or None, **self.lora_options)
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         from peft import get_peft_model
 
-        return get_peft_model(model, self.lora_config(model, cfg, task_kind, new_modules))
+        return get_peft_model(model, self.lora_config(model, cfg, model_kind, new_modules))
 
     # --- planner ---------------------------------------------------------------------------------------------
 

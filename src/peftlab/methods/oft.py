@@ -70,10 +70,10 @@ class Oft(pt.PeftTunerMethod):
     mergeable = True
     unsupported = {"quantized_base": pt.NO_4BIT}
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import OFTConfig
 
-        return OFTConfig(task_type=pt.peft_task_type(task_kind), r=cfg.r, oft_block_size=cfg.oft_block_size,
+        return OFTConfig(task_type=pt.peft_task_type(model_kind), r=cfg.r, oft_block_size=cfg.oft_block_size,
                          module_dropout=cfg.module_dropout, coft=cfg.coft, eps=cfg.eps, block_share=cfg.block_share,
                          use_cayley_neumann=cfg.use_cayley_neumann, target_modules=pt.model_targets(model, cfg),
                          **pt.save_modules(new_modules))

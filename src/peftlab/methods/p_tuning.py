@@ -46,10 +46,10 @@ class PTuning(pt.PeftTunerMethod):
     def run_id_part(self, fields: dict[str, Any]) -> str:
         return f"-v{fields['num_virtual_tokens']}"
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import PromptEncoderConfig
 
-        return PromptEncoderConfig(task_type=pt.peft_task_type(task_kind), num_virtual_tokens=cfg.num_virtual_tokens,
+        return PromptEncoderConfig(task_type=pt.peft_task_type(model_kind), num_virtual_tokens=cfg.num_virtual_tokens,
                                    encoder_reparameterization_type=cfg.encoder_reparameterization_type,
                                    encoder_hidden_size=cfg.encoder_hidden_size,
                                    encoder_num_layers=cfg.encoder_num_layers, encoder_dropout=cfg.encoder_dropout,

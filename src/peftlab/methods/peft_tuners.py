@@ -38,14 +38,14 @@ class RankAlphaFields(TargetFields):
     alpha: float = Field(16, gt=0, description="Scaling numerator (scaling = alpha / r).")
 
 
-def peft_task_type(task_kind: str) -> Any:
+def peft_task_type(model_kind: str) -> Any:
     """peft's TaskType for a task kind ("causal_lm" or "seq_cls")."""
     from peft import TaskType
 
     kinds = {"causal_lm": TaskType.CAUSAL_LM, "seq_cls": TaskType.SEQ_CLS}
-    if task_kind not in kinds:
-        raise UserError(f"task kind {task_kind!r}: peft methods support {', '.join(kinds)}")
-    return kinds[task_kind]
+    if model_kind not in kinds:
+        raise UserError(f"task kind {model_kind!r}: peft methods support {', '.join(kinds)}")
+    return kinds[model_kind]
 
 
 def save_modules(new_modules: list[str]) -> dict[str, Any]:
@@ -86,13 +86,13 @@ def act_bytes(plan_input: Any) -> int:
 class PeftTunerMethod(Method):
     """A method that is one peft config wrapped around the model by ``get_peft_model``."""
 
-    def peft_config(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: list[str]) -> PeftConfig:
+    def peft_config(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: list[str]) -> PeftConfig:
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: list[str]) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: list[str]) -> nn.Module:
         from peft import get_peft_model
 
-        config = self.peft_config(model, cfg, task_kind, new_modules)
+        config = self.peft_config(model, cfg, model_kind, new_modules)
         try:
             return get_peft_model(model, config)
         except ValueError as exc:  # peft's shape checks (e.g. a block size that does not divide): one line

@@ -26,10 +26,10 @@ class Prefix(Method):
                    "packing": "cannot pack examples (its prefix breaks the per-example masks); "
                               "use --set packing=false"}
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         from peft import PrefixTuningConfig, get_peft_model
 
-        return get_peft_model(model, PrefixTuningConfig(task_type=peft_task_type(task_kind),
+        return get_peft_model(model, PrefixTuningConfig(task_type=peft_task_type(model_kind),
                                                         num_virtual_tokens=cfg.num_virtual_tokens,
                                                         modules_to_save=list(new_modules) or None))
 

@@ -47,14 +47,14 @@ class PromptTuning(pt.PeftTunerMethod):
     def run_id_part(self, fields: dict[str, Any]) -> str:
         return f"-v{fields['num_virtual_tokens']}"
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import PromptTuningConfig
 
         text = {}
         if cfg.prompt_tuning_init == "text":  # peft tokenizes the text with the model's own tokenizer
             text = dict(prompt_tuning_init_text=cfg.prompt_tuning_init_text,
                         tokenizer_name_or_path=model.name_or_path)
-        return PromptTuningConfig(task_type=pt.peft_task_type(task_kind), num_virtual_tokens=cfg.num_virtual_tokens,
+        return PromptTuningConfig(task_type=pt.peft_task_type(model_kind), num_virtual_tokens=cfg.num_virtual_tokens,
                                   prompt_tuning_init=cfg.prompt_tuning_init.upper(), **text,
                                   **pt.save_modules(new_modules))
 

@@ -45,11 +45,11 @@ class Qlora(Lora):
     fields = QloraFields
     quantizes_base = True
 
-    def apply(self, model: nn.Module, cfg: Any, task_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
+    def apply(self, model: nn.Module, cfg: Any, model_kind: str, new_modules: Sequence[str] = ()) -> nn.Module:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        return get_peft_model(model, self.lora_config(model, cfg, task_kind, new_modules))
+        return get_peft_model(model, self.lora_config(model, cfg, model_kind, new_modules))
 
     def plan_terms(self, arch: Any, plan_input: Any) -> PlanTerms:
         """LoRA's terms over a 4-bit base: every decoder linear layer in NF4; embeddings, head, norms and biases

@@ -35,11 +35,11 @@ class Vera(pt.PeftTunerMethod):
     def run_id_part(self, fields: dict[str, Any]) -> str:
         return f"-r{fields['r']}"
 
-    def peft_config(self, model, cfg, task_kind, new_modules):
+    def peft_config(self, model, cfg, model_kind, new_modules):
         from peft import VeraConfig
 
         # save_projection: the shared A and B are saved with the adapter, so a reload does not depend on the PRNG.
-        return VeraConfig(task_type=pt.peft_task_type(task_kind), r=cfg.r, vera_dropout=cfg.vera_dropout,
+        return VeraConfig(task_type=pt.peft_task_type(model_kind), r=cfg.r, vera_dropout=cfg.vera_dropout,
                           d_initial=cfg.d_initial, projection_prng_key=cfg.projection_prng_key, save_projection=True,
                           target_modules=pt.model_targets(model, cfg), **pt.save_modules(new_modules))
 

@@ -66,6 +66,16 @@ class Arch:
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return self.num_layers * self.layer_linear_params() + head
 
+    def flop_weights(self) -> int:
+        """Weights every token multiplies: every layer's linear layers and the LM head, tied or not (PaLM's N)."""
+        per_layer = sum(a * b for a, b in self.linear_shapes().values())
+        return self.num_layers * per_layer + self.vocab_size * self.hidden_size
+
+    def attention_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token of the attention scores and their use over a full T x T matrix: 12 L T d_attn
+        (PaLM, appendix B)."""
+        return 12 * self.num_layers * seq_len * self.q_dim
+
     def norm_params(self) -> int:
         """The layers' norms (two in Llama, four in Gemma 2/3; q/k norms where the family has them) and the final
         norm."""

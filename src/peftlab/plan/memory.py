@@ -82,8 +82,10 @@ from typing import Any
 from peftlab.config import field_default
 from peftlab.errors import UserError
 from peftlab.methods import get_method
-from peftlab.methods.base import DTYPE_BYTES, PlanTerms
+from peftlab.methods.base import DTYPE_BYTES, Method, PlanTerms
 from peftlab.plan.arch import Arch, arch_from_config, load_arch
+from peftlab.precision import Precision
+from peftlab.precision import named as precision_named
 
 GIB = 1024**3
 BARE_IMPORT_RSS_GIB = 0.415
@@ -137,7 +139,8 @@ class PlanInput:
         self.method = method or field_default("method")
         given = dict(fields or {})
         given.update({k: v for k, v in kwargs.items() if k not in RUN_INPUTS})
-        declared = get_method(self.method).fields
+        self._method = get_method(self.method)  # looked up once per plan
+        declared = self._method.fields
         unknown = sorted(set(given) - set(declared.model_fields))
         if unknown:
             raise UserError(f"plan: method {self.method!r} does not take {', '.join(unknown)}")
@@ -154,14 +157,24 @@ class PlanInput:
             setattr(self, key, value)
 
     @property
+    def precision_traits(self) -> Precision:
+        """What the precision (a name here) means: its answers, from peftlab.precision."""
+        return precision_named(self.precision)
+
+    @property
+    def method_object(self) -> Method:
+        """The registered method this plan is for (one lookup, in ``__init__``)."""
+        return self._method
+
+    @property
     def dtype(self) -> str:
         """The compute dtype: what matmuls and saved activations use."""
-        return "float32" if self.precision == "fp32" else "bfloat16"
+        return "bfloat16" if self.precision_traits.is_bf16 else "float32"
 
     @property
     def master_dtype(self) -> str:
         """The dtype of trainable weights, their gradients and optimizer states (bf16 only under bf16-true)."""
-        return "bfloat16" if self.precision == "bf16-true" else "float32"
+        return "bfloat16" if self.precision_traits.is_bf16_true else "float32"
 
     @property
     def shards_parameters(self) -> bool:
@@ -201,7 +214,7 @@ class NotPlanned(UserError):
 
 def method_terms(arch: Arch, inp: PlanInput) -> PlanTerms:
     """The chosen method's plan terms, or :class:`NotPlanned` with its reason."""
-    method = get_method(inp.method)
+    method = inp.method_object
     if method.not_planned is not None:
         raise NotPlanned(f"method {method.name!r} is not modelled by the planner yet: {method.not_planned}")
     return method.plan_terms(arch, inp)
@@ -216,11 +229,11 @@ def trainable_params(arch: Arch, inp: PlanInput) -> tuple[int, int]:
 def activation_bytes_per_token(arch: Arch, inp: PlanInput, terms: PlanTerms | None = None) -> tuple[int, int]:
     """(bytes saved for backward per token by all layers, of which in one layer), without the logits buffers."""
     terms = terms or method_terms(arch, inp)
-    a = get_method(inp.method).activation_element_bytes(inp)
+    a = inp.method_object.activation_element_bytes(inp)
     h, i, q, kv = arch.hidden_size, arch.intermediate_size, arch.q_dim, arch.kv_dim
     # bf16-mixed keeps the residual stream, so the norm inputs, in fp32; attention on CPU runs in fp32 under bf16
-    norm_a = 4 if inp.precision == "bf16-mixed" else a
-    attn_a = 4 if inp.device == "cpu" and inp.precision != "fp32" and inp.fp32_attention else a
+    norm_a = 4 if inp.precision_traits.autocasts else a
+    attn_a = 4 if inp.device == "cpu" and inp.precision_traits.is_bf16 and inp.fp32_attention else a
     layer = (norm_a * 2 * h + attn_a * (2 * q + 2 * kv) + a * 3 * i + 4 * (2 + arch.num_heads)
              + terms.activation_bytes_per_token_layer)
     head = a * h + terms.activation_bytes_per_token_head
@@ -246,7 +259,7 @@ def chunked_ce_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
 def default_base_bytes(arch: Arch, inp: PlanInput) -> int:
     """A frozen base at the run's precision: bf16-mixed stores the matmul weights in bf16 and keeps embeddings and
     norms fp32 (peftlab.precision.cast_frozen_matmuls); fp32 and bf16-true store everything in one dtype."""
-    if inp.precision == "bf16-mixed":
+    if inp.precision_traits.stores_base_in_bf16(trainable_base=False):
         matmuls = arch.matmul_params()
         return 2 * matmuls + 4 * (arch.total_params() - matmuls)
     return DTYPE_BYTES[inp.dtype] * arch.total_params()
@@ -263,7 +276,7 @@ def plan_memory(arch: Arch, inp: PlanInput, runtime_bytes: int | None = None,
         raise UserError(f"strategy {inp.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if isinstance(inp.processes, bool) or not isinstance(inp.processes, int) or inp.processes < 1:
         raise UserError(f"processes {inp.processes!r}: give a whole number of at least 1")
-    method = get_method(inp.method)
+    method = inp.method_object
     if inp.shards_parameters:
         method.check_supports("fsdp")
     terms = method_terms(arch, inp)
@@ -326,7 +339,7 @@ def _fsdp_per_process(arch: Arch, inp: PlanInput, terms: PlanTerms, fwd: dict[st
     """One process's components under FSDP2 as training applies it (the module docstring): every stored
     parameter, gradient and optimizer state split N ways, plus what exists unsharded while layers compute."""
     n = inp.processes
-    method = get_method(inp.method)
+    method = inp.method_object
     compute, master = DTYPE_BYTES[inp.dtype], terms.trainable_bytes_per_param
     layers = arch.num_layers
     # a PEFT method's weights live inside the decoder layers; full fine-tuning also trains the root group
@@ -362,14 +375,14 @@ def _fsdp_note(inp: PlanInput) -> str:
             f"{dtype} (one computing, one prefetched); the root group (embeddings, final norm, LM head) unsharded "
             f"from forward through backward; one layer's unsharded gradient ({master}) before its reduce-scatter; "
             "activations of one micro-batch of this process (batch_size per process); NCCL buffers not counted")
-    if inp.precision == "bf16-mixed":
+    if inp.precision_traits.needs_fp32_master:
         note += "; bf16-mixed as MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), no autocast copies"
-    if get_method(inp.method).quantizes_base:
+    if inp.method_object.quantizes_base:
         note += "; a 4-bit base's layers are counted gathered in the compute dtype (an upper bound)"
     return note
 
 
-def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "causal_lm",
+def plan_input_from_config(cfg, optimizer: str = "adamw", model_kind: str = "causal_lm",
                            processes: int | None = None) -> PlanInput:
     """PlanInput for a RunConfig (device and precision 'auto' resolve to what is here: CUDA if visible, else CPU;
     bf16-mixed where the device has native bf16). ``processes`` defaults to the launcher's WORLD_SIZE (1 when
@@ -392,7 +405,7 @@ def plan_input_from_config(cfg, optimizer: str = "adamw", task_kind: str = "caus
     return PlanInput(method=cfg.method, fields=fields, user_set=tuple(k for k in fields if cfg.is_set(k)),
                      batch_size=cfg.batch_size, seq_len=seq_len, grad_accum=cfg.grad_accum, optimizer=optimizer,
                      gradient_checkpointing=cfg.gradient_checkpointing, device=device, precision=precision,
-                     vocab_logits=task_kind == "causal_lm", chunked_ce=cfg.chunked_ce,
+                     vocab_logits=model_kind == "causal_lm", chunked_ce=cfg.chunked_ce,
                      fused_optimizer=cfg.fused_optimizer, fp32_attention=cfg.fp32_attention,
                      processes=processes, strategy=cfg.strategy)
 
@@ -449,10 +462,12 @@ def estimate_for_run(cfg, model) -> dict[str, Any]:
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or cfg.model
     config = getattr(model, "config", None)
     base_model = getattr(model, "get_base_model", lambda: model)()
-    task_kind = "seq_cls" if "SequenceClassification" in type(base_model).__name__ else "causal_lm"
+    from peftlab.tasks import get_task
+
+    model_kind = get_task(cfg.task).model_kind
     try:
         arch = arch_from_config(getattr(base_model, "config", config), cfg.model)
-        inp = plan_input_from_config(cfg, task_kind=task_kind)
+        inp = plan_input_from_config(cfg, model_kind=model_kind)
         plan = plan_memory(arch, inp, exact_weights=loaded_weight_bytes(model))
     except UserError as exc:
         return {"available": False, "reason": str(exc), "model": name}
@@ -466,10 +481,10 @@ def plan_for_config(cfg, model: str | None = None, optimizer: str = "adamw", run
                     processes: int | None = None) -> Plan:
     """Plan a RunConfig's run without loading weights (one process's peak on ``processes``, default WORLD_SIZE)."""
     arch = load_arch(model or cfg.model)
-    from peftlab.tasks import TASKS
+    from peftlab.tasks import get_task
 
-    task_kind = TASKS[cfg.task].model_kind
-    return plan_memory(arch, plan_input_from_config(cfg, optimizer, task_kind, processes), runtime_bytes=runtime_bytes)
+    model_kind = get_task(cfg.task).model_kind
+    return plan_memory(arch, plan_input_from_config(cfg, optimizer, model_kind, processes), runtime_bytes=runtime_bytes)
 
 
 def measure_runtime_rss() -> int:

@@ -12,7 +12,6 @@ from pathlib import Path
 from peftlab.record import (
     EXAMPLES_FILE,
     METRICS_FILE,
-    RESULTS_FILE,
     SWEEP_WALL_FILE,
     atomic_write_text,
     write_json,
@@ -24,6 +23,7 @@ from peftlab.report.markdown import (
     render_readme_section,
     write_readme_section,
 )
+from peftlab.report.seed_layout import render_seed_layout
 from peftlab.report.tables import build_tables, read_sweep
 
 __all__ = ["ReportFiles", "build_tables", "markdown_table", "read_sweep", "write_report"]
@@ -40,6 +40,7 @@ class ReportFiles:
     plots: list[Path]
     configs: list[Path] = field(default_factory=list)
     readme: Path | None = None
+    seed_table: Path | None = None
 
     def summary_lines(self) -> list[tuple[str, str]]:
         """(what, path) pairs for the CLI."""
@@ -47,13 +48,17 @@ class ReportFiles:
                 + [("table", str(p)) for p in self.tables]
                 + [("plot", str(p)) for p in self.plots if p.suffix == ".png"]
                 + ([("run configs", f"{self.configs[0].parent} ({len(self.configs)})")] if self.configs else [])
-                + ([("readme section", str(self.readme))] if self.readme else []))
+                + ([("readme section", str(self.readme))] if self.readme else [])
+                + ([("seed table", str(self.seed_table))] if self.seed_table else []))
 
 
 def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
-                 readme: str | Path | None = None) -> ReportFiles:
+                 readme: str | Path | None = None, mixed_machines: bool = False,
+                 seed_table: bool = False) -> ReportFiles:
     """Write report.md, report.html, tables/<task>.md and plots/*.png|svg for a sweep folder; with ``readme``,
-    also replace that file's study section (between its marker lines) with the tables and findings."""
+    also replace that file's study section (between its marker lines) with the tables and findings.
+    ``mixed_machines`` keeps the speed columns of tables whose runs span machines (blank by default);
+    ``seed_table`` also writes seed_table.md, the seed's layout with an interval in every cell."""
     from peftlab.report.html import render_html  # matplotlib and yaml only when a report is written
     from peftlab.report.plots import plot_table
 
@@ -62,7 +67,7 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
     records = read_sweep(sweep_dir)
     out = Path(output_dir) if output_dir else records.folder / "report"
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(records.finished)
+    tables = build_tables(records.finished, mixed_machines)
     table_files, plots = [], {}
     for table in tables:
         path = out / "tables" / f"{table.slug}.md"
@@ -78,9 +83,13 @@ def write_report(sweep_dir: str | Path, output_dir: str | Path | None = None,
     write_run_records(records, out / "records")
     if readme is not None:
         write_readme_section(Path(readme), render_readme_section(records, tables, plots, out, Path(readme)))
+    seed_path = None
+    if seed_table:
+        seed_path = out / "seed_table.md"
+        atomic_write_text(seed_path, render_seed_layout(tables))
     return ReportFiles(out, md, html_path, table_files,
                        [p for kinds in plots.values() for pair in kinds.values() for p in pair], configs,
-                       Path(readme) if readme is not None else None)
+                       Path(readme) if readme is not None else None, seed_path)
 
 
 def write_run_configs(records, folder: Path) -> list[Path]:
@@ -109,7 +118,7 @@ def write_run_records(records, folder: Path) -> None:
     as done, with their measured wall times."""
     index = []
     for run in records.finished:
-        write_json(folder / run.id / RESULTS_FILE, run.record.to_dict())  # as the store holds it
+        run.record.write(folder / run.id)  # as the store holds it
         for name in RECORD_FILES:
             src = run.folder / name
             if src.is_file():

@@ -18,6 +18,7 @@ from peftlab.report.tables import (
     TaskTable,
     baseline_interval,
     format_interval,
+    measured_on,
     number,
 )
 from peftlab.stats import Interval
@@ -310,16 +311,9 @@ def machine_time_sentence(mt: MachineTime | None, total_runs: int) -> str | None
     return text
 
 
-def _host(run: FinishedRun) -> str | None:
-    """The device a run was measured on (GPU name, else CPU model), or None when its record does not say."""
-    m = run.record.machine
-    where = m.get("cuda_device") or m.get("cpu") or m.get("processor")
-    return str(where) if where else None
-
-
 def _machine_description(run: FinishedRun) -> str | None:
     m, model = run.record.machine, run.record.model
-    where = _host(run)
+    where = measured_on(run)
     if where is None:
         return None
     parts = [where]
@@ -359,7 +353,7 @@ def _runs(n: int) -> str:
 
 def host_sentence(table: TaskTable) -> str | None:
     """A warning when a table's runs were measured on more than one device: which rows' seeds ran where."""
-    ordered = _largest_first((_host(run), f"{_label(group, table)} seed {run.record.seed}")
+    ordered = _largest_first((measured_on(run), f"{_label(group, table)} seed {run.record.seed}")
                              for group in table.groups for run in group.runs)
     if len(ordered) <= 1:
         return None

@@ -130,7 +130,9 @@ def loss_curves(table: TaskTable, folder: Path) -> tuple[Path, Path]:
 
 
 def plot_table(table: TaskTable, folder: Path) -> dict[str, tuple[Path, Path]]:
-    """The four plots of one task table: speed, memory, params (each vs the metric) and loss curves."""
-    plots = {kind: scatter(table, kind, folder) for kind in SCATTERS}
+    """The four plots of one task table: speed, memory, params (each vs the metric) and loss curves; no speed plot
+    where the table's speed columns are blank (its runs span machines)."""
+    blank = {c.key for c in table.blanked}
+    plots = {kind: scatter(table, kind, folder) for kind, (key, _label, _log) in SCATTERS.items() if key not in blank}
     plots["loss"] = loss_curves(table, folder)
     return plots

@@ -13,7 +13,7 @@ import math
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ from peftlab.summary import (
 )
 from peftlab.sweep.store import SweepStore
 
+#: The cell shown for a speed column of a table whose runs span machines (unless ``--mixed-machines``).
+BLANK_CELL = "n/a"
 MEMORY_KINDS = {"cuda_max_reserved": "peak CUDA memory reserved by PyTorch during training",
                 "cpu_peak_rss_train": "peak resident memory (RSS) of the process during training"}
 
@@ -100,6 +102,8 @@ class Column:
     digits: Callable[[float], str]
     higher_is_better: bool | None = None
     spread: bool = True  # show ± std over seeds (off for values that the seed cannot change)
+    machine_bound: bool = False  # a speed: comparable only between runs measured on one machine
+    blank: str | None = None  # shown instead of every value (a speed column of a table that spans machines)
     change: Callable[[RunRecord], Any] | None = None  # a difference with its own interval (a benchmark's forgetting)
 
     @property
@@ -162,6 +166,19 @@ class TaskTable:
     notes: list[str] = field(default_factory=list)
     reference_label: str | None = None  # the reference row's label ('LoRA (8, 16)'), when every model has one
 
+    def machines(self) -> list[str]:
+        """The devices this table's runs were measured on (GPU name, else CPU model), sorted."""
+        return sorted({host for g in self.groups for run in g.runs for host in [measured_on(run)] if host})
+
+    @property
+    def blanked(self) -> list[Column]:
+        """The speed columns left blank because the runs span machines."""
+        return [c for c in self.columns if c.blank is not None]
+
+    def blank_machine_bound(self) -> None:
+        """Blank the speed columns (their values compare only within one machine); the metric columns stay."""
+        self.columns = [replace(c, get=_no_value, blank=BLANK_CELL) if c.machine_bound else c for c in self.columns]
+
     @property
     def title(self) -> str:
         return f"{self.task} on {self.dataset}"
@@ -196,7 +213,7 @@ class TaskTable:
                 row.append(format_difference(column.change(first), column.digits))
                 continue
             mean, std = group.mean_std(column)
-            row.append(format_mean_std(mean, std if column.spread else None, column.digits))
+            row.append(column.blank or format_mean_std(mean, std if column.spread else None, column.digits))
             if column.key == self.metric:
                 row += [format_interval(group.stats.ci, column.digits),
                         "reference" if group.stats.is_reference else format_difference(group.stats.diff,
@@ -280,6 +297,17 @@ def _per_minute(seconds: float | None) -> float | None:
     return seconds / 60 if isinstance(seconds, int | float) else None
 
 
+def _no_value(_record: RunRecord) -> None:
+    return None
+
+
+def measured_on(run: FinishedRun) -> str | None:
+    """The device a run was measured on (GPU name, else CPU model), or None when its record does not say."""
+    m = run.record.machine
+    where = m.get("cuda_device") or m.get("cpu") or m.get("processor")
+    return str(where) if where else None
+
+
 def _metric_getter(key: str) -> Callable[[RunRecord], float | None]:
     return lambda r: r.metric(key)
 
@@ -289,11 +317,11 @@ def table_columns(record: RunRecord, runs: list[FinishedRun]) -> list[Column]:
     headline = metric_spec(record, record.task.metric or "")
     cols = [
         Column("time_per_epoch_min", "Time/Epoch (min)", lambda r: _per_minute(r.timing.time_per_epoch_s),
-               fixed(2), False),
+               fixed(2), False, machine_bound=True),
         Column(headline.key, headline.label, _metric_getter(headline.key), number, headline.higher_is_better),
         Column("memory_gb", "Memory (GB)", lambda r: r.memory.headline_gb, fixed(2), False),
         Column("trainable_percent", "Trainable %", lambda r: r.params.trainable_percent, percent, spread=False),
-        Column("tokens_per_s", "Tokens/s", lambda r: r.timing.tokens_per_s, fixed(0), True),
+        Column("tokens_per_s", "Tokens/s", lambda r: r.timing.tokens_per_s, fixed(0), True, machine_bound=True),
     ]
     reported = {k for run in runs for k, v in run.record.metrics.after.items() if isinstance(v, int | float)}
     for key in table_metrics(record):
@@ -363,8 +391,11 @@ def _sort_key(group: ConfigGroup) -> tuple:
     return (str(first.model.name), method_order(first), str(first.method.name), fields, group.runs[0].id)
 
 
-def build_tables(runs: list[FinishedRun]) -> list[TaskTable]:
-    """One table per (task, dataset), rows grouped over seeds; tables in task order, rows in method order."""
+def build_tables(runs: list[FinishedRun], mixed_machines: bool = False) -> list[TaskTable]:
+    """One table per (task, dataset), rows grouped over seeds; tables in task order, rows in method order.
+
+    A table whose runs were measured on more than one machine gets its speed columns (time per epoch, tokens/s)
+    blanked, since they compare only within one machine; ``mixed_machines`` keeps them."""
     by_task: dict[tuple[str, str], list[FinishedRun]] = {}
     for run in runs:
         by_task.setdefault((str(run.record.task.name), str(run.config.get("dataset"))), []).append(run)
@@ -377,6 +408,8 @@ def build_tables(runs: list[FinishedRun]) -> list[TaskTable]:
         table = TaskTable(task, dataset, str(first.task.metric), bool(first.task.higher_is_better),
                           table_columns(first, members),
                           sorted((ConfigGroup(g) for g in groups.values()), key=_sort_key))
+        if len(table.machines()) > 1 and not mixed_machines:
+            table.blank_machine_bound()
         attach_stats(table)
         table.notes = table_notes(table)
         tables.append(table)
@@ -458,8 +491,7 @@ def baseline_interval(runs: list[FinishedRun], spec, resamples: int = DEFAULT_RE
     number of evaluated units and their name; None without per-example values."""
     distinct: dict[str, FinishedRun] = {}
     for run in runs:
-        key = (run.record.metrics.before or {}).get("baseline_key")
-        distinct.setdefault(str(key) if key else run.id, run)
+        distinct.setdefault(run.record.baseline_key() or run.id, run)
     found = _seed_stats(list(distinct.values()), spec, "before")
     if found is None:
         return None
@@ -513,6 +545,11 @@ def table_notes(table: TaskTable) -> list[str]:
     kinds = sorted({r.record.memory.headline_kind for r in runs} - {None})
     notes += [f"Memory: {MEMORY_KINDS.get(k, k)}." for k in kinds]
     notes.append("Time/Epoch: training time per pass over the training data actually used (evaluation excluded).")
+    if table.blanked:
+        notes.append(f"{' and '.join(c.label for c in table.blanked)}: left blank ({BLANK_CELL}), since this "
+                     f"table's runs were measured on {len(table.machines())} machines "
+                     f"({'; '.join(table.machines())}) and speeds compare only within one; "
+                     "`peftlab report --mixed-machines` shows them.")
     label = table.metric_column.header
     for model in sorted({str(g.first.model.name) for g in table.groups}):
         for quantized in (False, True):

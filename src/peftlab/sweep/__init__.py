@@ -3,7 +3,7 @@
 A sweep file::
 
     name: my-study                 # optional: shown in the report
-    calibration: my-study.json     # optional: measured run times per row (benchmarks/study_budget.py), used by
+    calibration: my-study.json     # optional: measured run times per row (`peftlab sweep --calibrate`), used by
                                    #   the estimates while the sweep folder has no calibration.json of its own
     base:                          # RunConfig fields shared by every run
       model: smollm2-135m
@@ -27,8 +27,15 @@ Every run is expanded and validated before anything starts. Re-running a sweep s
 were queued or interrupted, and redoes failed runs only with ``retry_failed`` (a failure is usually the same on the
 next try: fix the cause, then pass ``--retry-failed``). A store written by a different sweep definition is refused.
 
+A run may also set ``processes: N`` (a base field or an axis: ``peftlab train --processes N``, taking N slots), and
+the file may give a ``slurm:`` block (``partition``, ``time`` in minutes, ``gpus_per_task``, ``cpus_per_task``,
+``array_parallelism``, ``cluster``) for ``--executor slurm``.
+
 The package: :mod:`~peftlab.sweep.spec` (the file -> validated runs), :mod:`~peftlab.sweep.store` (the SQLite
-store) and :mod:`~peftlab.sweep.runner` (running, the ``--dry-run`` preview, estimates, progress).
+store), :mod:`~peftlab.sweep.runner` (the driver: running, the ``--dry-run`` preview, estimates, progress),
+:mod:`~peftlab.sweep.jobs` (one run as a job a worker starts), :mod:`~peftlab.sweep.executor` (where runs start:
+``local``, ``ray``, ``slurm``) and :mod:`~peftlab.sweep.calibrate` (``--calibrate``: one short run per row,
+projected to the full runs).
 """
 
 from peftlab.sweep.runner import (

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
+import secrets
 import signal
 import statistics
-import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,8 +21,10 @@ import yaml
 from peftlab.baseline import CACHE_ENV as BASELINE_CACHE_ENV
 from peftlab.config import RunConfig
 from peftlab.errors import UserError
-from peftlab.record import FAILED_FILE, RESULTS_FILE, SWEEP_WALL_FILE, FailedRecord, RunRecord, atomic_write_text
-from peftlab.sweep.spec import SweepRun, SweepSpec, load_sweep
+from peftlab.record import SWEEP_WALL_FILE, FailedRecord, RunRecord, atomic_write_text
+from peftlab.sweep.executor import Executor, ExecutorOptions, build_executor
+from peftlab.sweep.jobs import VISIBILITY_FILE, JobResult, RunJob
+from peftlab.sweep.spec import LAUNCH_FIELDS, SweepRun, SweepSpec, load_sweep
 from peftlab.sweep.store import SweepStore, now_iso
 
 #: Rough estimate when no similar run has finished yet: overhead (load + evaluation) plus training tokens at an
@@ -86,7 +88,7 @@ def rough_seconds(cfg: RunConfig) -> float | None:
 
 
 #: A sweep folder's calibration: each row's run time projected from a short measured run on this machine
-#: (``benchmarks/study_budget.py SWEEP.yaml --out DIR --sweep-dir SWEEP_DIR`` writes it).
+#: (``peftlab sweep SWEEP.yaml --calibrate --output-dir SWEEP_DIR`` writes it: :mod:`peftlab.sweep.calibrate`).
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -108,7 +110,7 @@ def read_calibration(out: Path, shipped: Path | None = None) -> dict[str, float]
         return {row_key(r["fields"]): float(r["seconds"]) for r in rows}
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a calibration file ({exc}); delete it or rerun "
-                        "benchmarks/study_budget.py") from None
+                        "`peftlab sweep SWEEP.yaml --calibrate`") from None
 
 
 def adopt_calibration(out: Path, shipped: Path | None) -> None:
@@ -174,6 +176,8 @@ class SweepPreview:
     spec: SweepSpec
     output_dir: Path
     lines: list[PreviewLine]
+    #: Runs at once (the executor's slots): the estimate is the makespan on that many slots.
+    slots: int = 1
 
     @property
     def to_run(self) -> list[PreviewLine]:
@@ -181,7 +185,7 @@ class SweepPreview:
 
     @property
     def estimate_s(self) -> float:
-        return sum(line.estimate_s or 0.0 for line in self.to_run)
+        return parallel_seconds([line.estimate_s for line in self.to_run if line.estimate_s is not None], self.slots)
 
     @property
     def unknown_estimates(self) -> int:
@@ -192,8 +196,9 @@ def _todo(status: str, retry_failed: bool) -> bool:
     return status in ("new", "queued", "running", "interrupted") or (status == "failed" and retry_failed)
 
 
-def preview_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False) -> SweepPreview:
-    """Expand and validate the sweep and say what a run would do, writing nothing."""
+def preview_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False,
+                  slots: int = 1) -> SweepPreview:
+    """Expand and validate the sweep and say what a run would do on ``slots`` runs at once, writing nothing."""
     spec = load_sweep(sweep_file)
     out = Path(output_dir)
     store = SweepStore.open(out, create=False, read_only=True) if (out / "sweep.sqlite").is_file() else None
@@ -217,7 +222,7 @@ def preview_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: 
     finally:
         if store is not None:
             store.close()
-    return SweepPreview(spec, out, lines)
+    return SweepPreview(spec, out, lines, slots)
 
 
 # --- running --------------------------------------------------------------------------------------------------
@@ -236,6 +241,7 @@ class Progress:
     status: str | None = None
     detail: str = ""
     run_wall_s: float | None = None
+    running: int = 0  # runs running now (several with a parallel executor)
 
 
 @dataclass
@@ -278,21 +284,6 @@ def _exclusive_lock(out: Path) -> Iterator[None]:
         yield
     finally:
         fh.close()
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """preexec_fn: on Linux, the run's process gets SIGKILL when the sweep process dies (even by SIGKILL)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-    def hook() -> None:
-        if libc is not None:
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the sweep died before prctl took effect
-                os._exit(1)
-
-    return hook
 
 
 def output_tail(log: Path, lines: int = 20) -> str:
@@ -356,86 +347,94 @@ def _kept_wall_s(rdir: Path) -> float | None:
     return float(wall) if isinstance(wall, (int, float)) and wall >= 0 else None
 
 
-def _write_run_config(out: Path, run: SweepRun) -> Path:
+def _write_run_config(out: Path, run: SweepRun, threads: int | None) -> Path:
     path = out / "configs" / f"{run.id}.yaml"
-    data = {**run.fields, "output_dir": str(run_dir(out, run.id)), "overwrite": True}
+    data = {**{k: v for k, v in run.fields.items() if k not in LAUNCH_FIELDS},
+            "output_dir": str(run_dir(out, run.id).resolve()), "overwrite": True}
+    if threads is not None and run.config.threads is None:  # the executor's share of the cores, set explicitly
+        data["threads"] = threads
     data.setdefault("tracking_project", out.name)  # --- ecosystem: a sweep's runs share one tracker project
     atomic_write_text(path, f"# generated by `peftlab sweep` for run {run.id}\n"
                       + yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def run_command(config_path: Path) -> list[str]:
+def run_command(config_path: Path, processes: int = 1) -> list[str]:
     """The argument list that trains one run (never a shell string)."""
-    return [sys.executable, "-m", "peftlab", "train", "--config", str(config_path)]
+    extra = ["--processes", str(processes)] if processes > 1 else []
+    return [sys.executable, "-m", "peftlab", "train", "--config", str(config_path), *extra]
 
 
-def _execute(out: Path, run: SweepRun, store: SweepStore) -> tuple[str, str, float]:
-    """Run one config in its own process and record the result. Returns (status, detail, wall seconds)."""
-    rdir = run_dir(out, run.id)
-    for name in (RESULTS_FILE, FAILED_FILE):
-        (rdir / name).unlink(missing_ok=True)
-    config_path = _write_run_config(out, run)
-    log = out / "logs" / f"{run.id}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+def _job(out: Path, run: SweepRun, executor: Executor, token: str) -> RunJob:
+    """The run as a job any executor can start: absolute paths on the shared folder, the sweep's environment."""
+    out = out.resolve()
+    threads = executor.threads_for(run.processes)
+    config_path = _write_run_config(out, run, threads)
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            BASELINE_CACHE_ENV: str(out / "baselines")}  # runs of the sweep share their baseline evaluations
-    start = time.monotonic()
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(run_command(config_path), stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent(os.getpid()))
-        store.mark_running(run.id, proc.pid)
-        try:
-            code = proc.wait()
-        except BaseException:  # Ctrl-C or any error in the sweep: stop the run, put it back in the queue
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            store.mark_queued(run.id, "interrupted: the sweep was stopped while this run was running")
-            raise
-    wall = time.monotonic() - start
+    if threads is not None:  # torchrun's ranks and libraries outside torch use the same share
+        env["OMP_NUM_THREADS"] = str(threads)
+    python_args = tuple(run_command(config_path, run.processes)[1:])  # each worker starts its own Python
+    return RunJob(run.id, python_args, env, out / "logs" / f"{run.id}.log",
+                  run_dir(out, run.id), out, token, run.processes, threads)
+
+
+def _record_result(out: Path, run_id: str, result: JobResult, store: SweepStore) -> tuple[str, str]:
+    """Store what a worker returned: done with the record, or failed with the reason. Returns (status, detail)."""
+    rdir = run_dir(out, run_id)
+    log = out / "logs" / f"{run_id}.log"
     tail = output_tail(log)
-    if code == 0 and (rdir / RESULTS_FILE).is_file():
+    code, wall = result.code, result.wall_s
+    if result.error is not None:
+        store.mark_failed(run_id, result.error, wall, code, tail)
+        return "failed", result.error
+    if code == 0 and RunRecord.exists(rdir):
         try:
             record = RunRecord.read(rdir)
         except UserError as exc:  # cut short or unreadable: the run failed, say why
-            store.mark_failed(run.id, str(exc), wall, code, tail)
-            return "failed", str(exc), wall
-        store.mark_done(run.id, record, wall, code)
-        return "done", headline(record), wall
+            store.mark_failed(run_id, str(exc), wall, code, tail)
+            return "failed", str(exc)
+        store.mark_done(run_id, record, wall, code)
+        return "done", headline(record)
+    assert code is not None
     error = failure_message(rdir, code, tail) if code != 0 else "exited with code 0 but wrote no results.json"
-    store.mark_failed(run.id, error, wall, code, tail)
-    return "failed", error, wall
+    store.mark_failed(run_id, error, wall, code, tail)
+    return "failed", error
 
 
 def run_sweep(sweep_file: str | Path, output_dir: str | Path, retry_failed: bool = False,
-              on_progress: Callable[[Progress], None] | None = None) -> SweepOutcome:
-    """Run every pending run of a sweep, one process per run, recording each in the store."""
+              on_progress: Callable[[Progress], None] | None = None, executor: Executor | None = None) -> SweepOutcome:
+    """Run every pending run of a sweep on ``executor`` (default: local, one at a time), recording each in the
+    store. Only this process writes the store; the executor's workers write run folders and return statuses."""
     spec = load_sweep(sweep_file)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {str(out)!r} is a file; choose a folder")
+    executor = executor or build_executor("local", ExecutorOptions(parallel=1))
     out.mkdir(parents=True, exist_ok=True)
     notify = on_progress or (lambda _p: None)
-    with _exclusive_lock(out):
-        store = SweepStore.open(out)
-        try:
-            check_store_matches(store, spec)
-            store.set_meta({"fingerprint": spec.fingerprint, "name": spec.name, "description": spec.description,
-                            "sweep_file": str(spec.path.resolve()), "updated": now_iso()})
-            store.add_runs([(r.id, r.fields) for r in spec.runs])
-            store.requeue_interrupted()
-            adopt_calibration(out, spec.calibration)
-            return _run_pending(out, spec, store, retry_failed, notify)
-        finally:
-            store.close()
+    try:
+        with _exclusive_lock(out):
+            token = secrets.token_hex(8)
+            atomic_write_text(out / VISIBILITY_FILE, token)
+            executor.start(out.resolve(), token)
+            store = SweepStore.open(out)
+            try:
+                check_store_matches(store, spec)
+                store.set_meta({"fingerprint": spec.fingerprint, "name": spec.name, "description": spec.description,
+                                "sweep_file": str(spec.path.resolve()), "updated": now_iso()})
+                store.add_runs([(r.id, r.fields) for r in spec.runs])
+                store.requeue_interrupted()
+                adopt_calibration(out, spec.calibration)
+                return _run_pending(out, spec, store, retry_failed, notify, executor, token)
+            finally:
+                store.close()
+    finally:
+        executor.close()
 
 
 def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bool,
-                 notify: Callable[[Progress], None]) -> SweepOutcome:
+                 notify: Callable[[Progress], None], executor: Executor, token: str) -> SweepOutcome:
     status = {r.id: r.status for r in store.rows()}
     todo = [r for r in spec.runs if _todo(status[r.id], retry_failed)]
     todo_ids = {r.id for r in todo}
@@ -449,30 +448,68 @@ def _run_pending(out: Path, spec: SweepSpec, store: SweepStore, retry_failed: bo
         calibration = read_calibration(out, spec.calibration)
         estimates = [estimate_seconds(r.config, finished, calibration.get(row_key(r.fields)), row_key(r.fields))[0]
                      for r in pending]
-        eta = None if any(e is None for e in estimates) else sum(estimates)  # type: ignore[arg-type]
+        eta = None if any(e is None for e in estimates) else parallel_seconds(estimates, executor.slots)
         return Progress(event, len(spec.runs), counts["done"], counts["failed"], len(pending),
-                        time.monotonic() - started, eta, **kw)
+                        time.monotonic() - started, eta, running=counts["running"], **kw)
 
-    notify(progress("sweep_start"))
-    for run in todo:
-        rdir = run_dir(out, run.id)
-        adopted = _adoptable(rdir, run)
-        if adopted is not None:
-            store.mark_done(run.id, adopted, _kept_wall_s(rdir), None,
-                            note="adopted: the run had finished when the sweep stopped")
-            outcome.ran.append(run.id)
-            notify(progress("run_end", run_id=run.id, status="done", detail="(finished before the sweep stopped)"))
-            continue
-        notify(progress("run_start", run_id=run.id))
-        result, detail, wall = _execute(out, run, store)
-        outcome.ran.append(run.id)
-        if result == "failed":
-            outcome.failed[run.id] = detail
-        notify(progress("run_end", run_id=run.id, status=result, detail=detail, run_wall_s=wall))
+    def finish(run_id: str, result: JobResult) -> None:
+        state, detail = _record_result(out, run_id, result, store)
+        outcome.ran.append(run_id)
+        if state == "failed":
+            outcome.failed[run_id] = detail
+        notify(progress("run_end", run_id=run_id, status=state, detail=detail, run_wall_s=result.wall_s))
+
+    notify(progress("sweep_start", detail=executor.describe()))
+    queue = deque(todo)
+    jobs: dict[str, RunJob] = {}
+    in_flight: set[str] = set()
+    try:
+        while queue or in_flight:
+            while queue:
+                run = queue[0]
+                if run.id not in jobs and _adopt(out, run, store, outcome, notify, progress):
+                    queue.popleft()
+                    continue
+                job = jobs.get(run.id) or jobs.setdefault(run.id, _job(out, run, executor, token))
+                if not executor.has_room(job):
+                    break
+                queue.popleft()
+                notify(progress("run_start", run_id=run.id))
+                store.mark_running(run.id, executor.submit(job))
+                in_flight.add(run.id)
+            for run_id, result in executor.wait(timeout_s=1.0):
+                in_flight.discard(run_id)
+                finish(run_id, result)
+    except BaseException:  # Ctrl-C or any error in the sweep: stop the runs, put them back in the queue
+        executor.cancel_all()
+        for run_id in in_flight:
+            store.mark_queued(run_id, "interrupted: the sweep was stopped while this run was running")
+        raise
     outcome.counts = store.counts()
     outcome.failed.update({r.id: r.error or "" for r in store.rows() if r.status == "failed"})
     notify(progress("sweep_end"))
     return outcome
+
+
+def _adopt(out: Path, run: SweepRun, store: SweepStore, outcome: SweepOutcome, notify: Callable[[Progress], None],
+           progress: Callable[..., Progress]) -> bool:
+    """Record a run that had already finished (its sweep died after it wrote results.json) without rerunning it."""
+    rdir = run_dir(out, run.id)
+    adopted = _adoptable(rdir, run)
+    if adopted is None:
+        return False
+    store.mark_done(run.id, adopted, _kept_wall_s(rdir), None,
+                    note="adopted: the run had finished when the sweep stopped")
+    outcome.ran.append(run.id)
+    notify(progress("run_end", run_id=run.id, status="done", detail="(finished before the sweep stopped)"))
+    return True
+
+
+def parallel_seconds(estimates: list[float], slots: int) -> float:
+    """The makespan of runs on ``slots`` slots: their total divided by the slots, but never below the longest."""
+    if not estimates:
+        return 0.0
+    return max(sum(estimates) / max(1, min(slots, len(estimates))), max(estimates))
 
 
 # --- presentation helpers (strings only; the CLI prints them) ----------------------------------------------
@@ -492,9 +529,9 @@ def format_progress(p: Progress) -> str:
     """One progress line for the terminal."""
     state = f"{p.done} done, {p.failed} failed, {p.left} left of {p.total} · ETA {format_duration(p.eta_s)}"
     if p.event == "sweep_start":
-        return f"sweep: {state}"
+        return f"sweep ({p.detail}): {state}" if p.detail else f"sweep: {state}"
     if p.event == "run_start":
-        return f"[{p.done + p.failed + 1}/{p.total}] {p.run_id}: running"
+        return f"[{p.done + p.failed + p.running + 1}/{p.total}] {p.run_id}: running"
     if p.event == "run_end":
         took = f" in {format_duration(p.run_wall_s)}" if p.run_wall_s is not None else ""
         return f"[{p.done + p.failed}/{p.total}] {p.run_id}: {p.status}{took} {p.detail}".rstrip() + f" · {state}"
@@ -544,6 +581,8 @@ def format_preview(preview: SweepPreview) -> str:
         rows.append(f"  {line.id:<{width}}  {line.status:<11}  {line.action:<4}  {est}".rstrip())
     known = len(preview.to_run) - preview.unknown_estimates
     estimate = f"estimated {format_duration(preview.estimate_s)}" if known else "no estimate"
+    if known and preview.slots > 1:
+        estimate += f" on {preview.slots} runs at once"
     if preview.unknown_estimates:
         estimate += (f"{' + ' if known else ''} {preview.unknown_estimates} run(s) with unknown training size (set "
                      "train_subset or max_steps)").replace("  ", " ")

@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,10 @@ from peftlab.configure import build_config, config_field_names, suggest_field
 from peftlab.errors import UserError
 
 SWEEP_OWNED_FIELDS = ("output_dir", "overwrite", "resume")
-TOP_KEYS = ("name", "description", "calibration", "base", "grid", "grids")
+#: Run keys that say how a run is launched rather than what it computes: ``processes: N`` runs it on N
+#: data-parallel processes (``peftlab train --processes N``), so it takes N slots of the executor.
+LAUNCH_FIELDS = ("processes",)
+TOP_KEYS = ("name", "description", "calibration", "slurm", "base", "grid", "grids")
 PART_KEYS = ("id", "base", "grid")
 #: Short prefixes for numeric values in run ids (r8, a16, seed1); other fields use their own name.
 ID_PREFIX = {"alpha": "a", "epochs": "ep", "max_steps": "steps", "train_subset": "n", "batch_size": "bs",
@@ -33,6 +36,7 @@ class SweepRun:
     id: str
     fields: dict[str, Any]
     config: RunConfig
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class SweepSpec:
     #: A calibration file shipped with the sweep (``calibration:``, relative to the sweep file), used while the
     #: sweep folder has no calibration.json of its own.
     calibration: Path | None = None
+    #: The ``slurm:`` block: submitit settings for ``--executor slurm`` (checked by the slurm executor).
+    slurm: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class _Axis:
 
 
 def _check_field(name: Any, where: str) -> None:
+    if name in LAUNCH_FIELDS:
+        return
     if not isinstance(name, str) or name not in config_field_names():
         raise UserError(f"{where}: unknown config field {name!r}{suggest_field(str(name))}; "
                         "see `peftlab train --help`")
@@ -220,11 +228,19 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise UserError(f"{source}: runs {seen[run_id] + 1} and {i + 1} both get the id {run_id!r}; give the "
                             "coupled-axis entries distinct `id:` labels or make the values differ")
         seen[run_id] = i
-        cfg = build_config(fields, f"{source} (run {run_id})")
-        dumped = cfg.model_dump(mode="json")
-        runs.append(SweepRun(run_id, {k: dumped[k] for k in fields}, cfg))
+        processes = _processes(fields.get("processes", 1), f"{source} (run {run_id})")
+        cfg = build_config({k: v for k, v in fields.items() if k not in LAUNCH_FIELDS}, f"{source} (run {run_id})")
+        dumped = {**cfg.model_dump(mode="json"), "processes": processes}
+        runs.append(SweepRun(run_id, {k: dumped[k] for k in fields}, cfg, processes))
     return SweepSpec(path, str(data.get("name") or path.stem), str(data.get("description") or ""), runs,
-                     fingerprint(runs), _calibration_path(data.get("calibration"), path))
+                     fingerprint(runs), _calibration_path(data.get("calibration"), path),
+                     _mapping(data.get("slurm"), f"{source}: slurm"))
+
+
+def _processes(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{where}: processes must be a whole number of processes, 1 or more (got {value!r})")
+    return value
 
 
 def _calibration_path(value: Any, sweep_file: Path) -> Path | None:

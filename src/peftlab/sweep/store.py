@@ -47,8 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
 
 
 def now_iso() -> str:
-    """The current UTC time, ISO 8601."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    """The current UTC time, ISO 8601 to the millisecond (parallel runs' start and end times are compared)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from peftlab.errors import UserError
 from peftlab.tasks.base import Evaluation, MetricSpec, RawData, Task
 
-__all__ = ["TASKS", "Evaluation", "MetricSpec", "RawData", "Task", "get_task", "register"]
+__all__ = ["TASKS", "Evaluation", "MetricSpec", "RawData", "Task", "eval_inherited_fields", "get_task", "register",
+           "task_names"]
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -28,6 +29,17 @@ def get_task(name: str) -> type[Task]:
         return TASKS[name]
     except KeyError:
         raise UserError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}") from None
+
+
+def task_names() -> list[str]:
+    """Registered task names in table order."""
+    return [t.name for t in sorted(TASKS.values(), key=lambda t: (t.order, t.name))]
+
+
+def eval_inherited_fields() -> frozenset[str]:
+    """The task settings that evaluating a saved adapter takes from its run: every task's fields
+    (``Task.fields``) but those only training reads."""
+    return frozenset().union(*(set(t.fields.model_fields) - t.fields.training_only for t in TASKS.values()))
 
 
 from peftlab.tasks import classification, clm, instruction  # noqa: E402,F401  (registers the built-in tasks)

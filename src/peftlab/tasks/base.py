@@ -19,11 +19,58 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, create_model
+
 if TYPE_CHECKING:  # typing only
     import torch
     from torch import nn
 
     from peftlab.data.sources import SplitPlan
+
+
+class TaskFields(BaseModel):
+    """A task's own settings: the config fields it reads, as a pydantic model (``Task.fields``).
+
+    The fields keep their flat RunConfig names, types, defaults and help (``block_size: 64``, ``--block-size 64``):
+    :func:`task_fields` builds a task's model from RunConfig's definitions of the names the task declares, so the
+    config module stays free of the registry and every spelling stays what it was. What a task says about its
+    settings, the rest of the code derives from: the settings that evaluating a saved adapter takes from its run
+    (all but ``training_only``, see :func:`peftlab.tasks.eval_inherited_fields`) and the method capability a
+    setting needs when it is on (``needs``, checked by :mod:`peftlab.configure`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Settings only training reads: a re-evaluation of a saved adapter does not take them from the run.
+    training_only: ClassVar[frozenset[str]] = frozenset()
+    #: Setting -> the method capability (``peftlab.methods.base.CAPABILITIES``) it needs when it is on.
+    needs: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def of(cls, cfg) -> TaskFields:
+        """This task's settings in a config."""
+        return cls.model_validate({name: getattr(cfg, name) for name in cls.model_fields})
+
+
+#: What every task reads through :mod:`peftlab.data`: the data, its evaluation split and the subsets.
+DATA_FIELDS = ("dataset", "eval_dataset", "eval_split", "data_dir", "train_subset", "eval_subset")
+
+
+def task_fields(name: str, *fields: str, training_only: tuple[str, ...] = (),
+                needs: dict[str, str] | None = None) -> type[TaskFields]:
+    """A task's :class:`TaskFields` model: :data:`DATA_FIELDS` and ``fields``, each with RunConfig's definition;
+    ``training_only`` and ``needs`` as in :class:`TaskFields` (``train_subset`` is always training-only)."""
+    from peftlab.config import RunConfig
+
+    declared = RunConfig.model_fields
+    unknown = [f for f in (*fields, *training_only, *(needs or {})) if f not in declared]
+    if unknown:
+        raise TypeError(f"{name}: {', '.join(unknown)} are not RunConfig fields")
+    model = create_model(name, __base__=TaskFields,
+                         **{f: (declared[f].annotation, declared[f]) for f in dict.fromkeys((*DATA_FIELDS, *fields))})
+    model.training_only = frozenset(("train_subset", *training_only))
+    model.needs = dict(needs or {})
+    return model
 
 
 @dataclass(frozen=True)
@@ -97,6 +144,8 @@ class Task:
 
     # --- declarations (read by reports, summaries, sweeps and the planner) ------------------------------------
     name: ClassVar[str]  # registry key ("clm", "classification", "instruction")
+    #: The task's own settings (:func:`task_fields`); configure and evaluate read what they need from it.
+    fields: ClassVar[type[TaskFields]] = task_fields("DataFields")
     model_kind: ClassVar[str] = "causal_lm"  # "causal_lm" | "seq_cls"
     order: ClassVar[int]  # position of the task's table in reports (the seed's order)
     metrics: ClassVar[tuple[MetricSpec, ...]]  # every metric it reports; metrics[0] is the headline

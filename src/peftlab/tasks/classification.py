@@ -21,7 +21,7 @@ from torch import nn
 from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task, task_fields
 from peftlab.tasks.common import (
     check_positions,
     eval_batch_size,
@@ -123,6 +123,7 @@ class ClassificationTask(Task):
     name = "classification"
     model_kind = "seq_cls"
     order = 1
+    fields = task_fields("ClassificationFields", "text_column", "text_pair_column", "label_column", "max_length")
     metrics = (MetricSpec("accuracy", "Accuracy", higher_is_better=True,
                           statistic=Statistic("mean", "examples", ("correct",))),
                MetricSpec("macro_f1", "F1 (macro)", higher_is_better=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.losses import causal_lm_loss_sum, label_counts, loss_rows, shifted_label_count
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task, task_fields
 from peftlab.tasks.common import (
     check_positions,
     eval_batch_size,
@@ -72,7 +73,7 @@ def cached_blocks(split: DataSplit, tokenizer, block_size: int, text_column: str
     texts = [str(r[text_column]) for r in split.records if r.get(text_column) is not None]
     blocks = tokenize_to_blocks(texts, tokenizer, block_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    tmp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp.npy")  # unique even across nodes
     np.save(tmp, blocks)
     os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
@@ -131,6 +132,8 @@ class CausalLMTask(Task):
 
     name = "clm"
     order = 0
+    fields = task_fields("ClmFields", "text_column", "block_size", "max_new_tokens", "sample_prompt",
+                         training_only=("sample_prompt",))
     metrics = (MetricSpec("perplexity", "Perplexity", higher_is_better=False, fmt=".2f",
                           statistic=Statistic("exp_ratio", "blocks", ("nll", "tokens"))),)
     table_metrics = ()

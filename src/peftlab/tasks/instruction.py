@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.data.chat import LAYOUT_COLUMNS, chat_layout, sharegpt_messages
 from peftlab.data.sources import DataSplit
 from peftlab.errors import UserError
 from peftlab.losses import (
@@ -28,7 +29,6 @@ from peftlab.losses import (
     shift_labels,
     shifted_label_count,
 )
-from peftlab.methods import get_method
 from peftlab.prompts import (
     Encoded,
     Example,
@@ -41,7 +41,7 @@ from peftlab.prompts import (
     pad_batch,
 )
 from peftlab.tasks import register
-from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task
+from peftlab.tasks.base import Evaluation, ExampleValues, MetricSpec, RawData, Statistic, Task, task_fields
 from peftlab.tasks.common import (
     check_positions,
     columns_of,
@@ -54,7 +54,7 @@ from peftlab.tasks.common import (
     split_info,
 )
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def _field_text(record: dict[str, Any], key: str) -> str:
@@ -86,10 +86,10 @@ def parse_alpaca(record: dict[str, Any], split: DataSplit, index: int) -> Exampl
     return alpaca_example(instruction, input_text, output)
 
 
-def parse_chat(record: dict[str, Any], split: DataSplit, index: int) -> Example:
-    """A chat record: 'messages' with roles; the last message is the assistant's response to learn."""
+def parse_chat(messages: Any, split: DataSplit, index: int) -> Example:
+    """A chat record's messages (every assistant turn a response; the last message the response that generation
+    metrics score)."""
     where = f"{split.source}: {split.row_name(index)}"
-    messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     turns = []
@@ -108,12 +108,20 @@ def parse_chat(record: dict[str, Any], split: DataSplit, index: int) -> Example:
     return Example(tuple(turns[:-1]), turns[-1]["content"])
 
 
-def parse_split(split: DataSplit) -> tuple[list[Example], int]:
-    """Examples of a split, Alpaca-style (instruction/input/output) or chat-style (messages); and how many
-    records were skipped for a blank output."""
+def parse_split(split: DataSplit, chat_format: str = "auto") -> tuple[list[Example], int]:
+    """Examples of a split: chat (``messages``, or ShareGPT ``conversations``: ``chat_format`` picks, ``auto`` by
+    the column present) or Alpaca (instruction/input/output); and how many records were skipped for a blank
+    output."""
     have = columns_of(split)
-    if "messages" in have:
-        return [parse_chat(r, split, i) for i, r in enumerate(split.records)], 0
+    layout = chat_layout(have, chat_format)
+    if layout is not None:
+        column = LAYOUT_COLUMNS[layout]
+        require_columns(split, {column: f"chat_format={layout} reads the {column!r} column (or use --set "
+                                        "chat_format=auto)"})
+        if layout == "sharegpt":
+            return [parse_chat(sharegpt_messages(r, f"{split.source}: {split.row_name(i)}"), split, i)
+                    for i, r in enumerate(split.records)], 0
+        return [parse_chat(r.get("messages"), split, i) for i, r in enumerate(split.records)], 0
     if "instruction" in have:
         require_columns(split, {"output": "Alpaca records need instruction, optional input, and output"})
         parsed = [parse_alpaca(r, split, i) for i, r in enumerate(split.records)]
@@ -121,8 +129,8 @@ def parse_split(split: DataSplit) -> tuple[list[Example], int]:
         if not examples:
             raise UserError(f"{split.source}: every 'output' is blank; there is nothing to learn")
         return examples, len(parsed) - len(examples)
-    raise UserError(f"{split.source}: no 'instruction' (Alpaca) or 'messages' (chat) column; the columns are "
-                    f"{', '.join(have)}")
+    raise UserError(f"{split.source}: no 'instruction' (Alpaca), 'messages' (chat) or 'conversations' (ShareGPT) "
+                    f"column; the columns are {', '.join(have)}")
 
 
 def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunked: bool = False) -> torch.Tensor:
@@ -186,6 +194,9 @@ class InstructionTask(Task):
 
     name = "instruction"
     order = 2
+    fields = task_fields("InstructionFields", "max_length", "prompt_template", "packing", "max_new_tokens",
+                         "generation_subset", "generation_batch_size", "chat_loss", "chat_format",
+                         training_only=("packing", "chat_loss"), needs={"packing": "packing"})
     metrics = (MetricSpec("rougeL", "ROUGE-L", higher_is_better=True, generated=True,
                           statistic=Statistic("mean", "generations", ("rougeL",))),
                MetricSpec("bleu", "BLEU", higher_is_better=True, fmt=".2f", generated=True),  # corpus-level
@@ -195,8 +206,8 @@ class InstructionTask(Task):
                           statistic=Statistic("exp_ratio", "responses", ("nll", "tokens"))))
     table_metrics = ("bleu", "exact_match", "perplexity")
     example_unit = "examples"
-    eval_fields = ("max_length", "prompt_template", "eval_subset", "generation_subset", "max_new_tokens",
-                   "chunked_ce")
+    eval_fields = ("max_length", "prompt_template", "chat_format", "eval_subset", "generation_subset",
+                   "max_new_tokens", "generation_batch_size", "chunked_ce")
     eval_pads = True  # batched greedy generation is left-padded
 
     # --- raw data -------------------------------------------------------------------------------------------
@@ -207,7 +218,7 @@ class InstructionTask(Task):
         examples = {}
         for role, split, subset in (("train", splits.train, cfg.train_subset),
                                     ("eval", splits.eval, cfg.eval_subset)):
-            parsed, blank = parse_split(split)
+            parsed, blank = parse_split(split, cfg.chat_format)
             if blank:
                 notes.append(f"{role}: skipped {blank} records of {split.source} whose 'output' is blank")
             examples[role] = tuple(parsed[: subset or None])
@@ -219,25 +230,25 @@ class InstructionTask(Task):
         check_positions(model, cfg.max_length + cfg.max_new_tokens,
                         f"max_length {cfg.max_length} + max_new_tokens {cfg.max_new_tokens}",
                         "lower --max-length or max_new_tokens")
-        if cfg.packing:
-            get_method(cfg.method).check_supports("packing")
         template = choose_template(cfg.prompt_template, tokenizer)
         encoder = PromptEncoder(tokenizer, template, cfg.max_length)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         notes = list(raw.notes)
-        train_enc, train_counts = self._encode(encoder, raw.train_examples, "train", notes)
-        eval_enc, eval_counts = self._encode(encoder, raw.eval_examples, "eval", notes)
+        # Training learns the assistant turns chat_loss names; evaluation scores every assistant turn (so runs with
+        # either chat_loss compare on one measure) and needs the whole last prompt, which generation answers.
+        train_enc, train_counts = self._encode(encoder, raw.train_examples, "train", notes, cfg.chat_loss)
+        eval_enc, eval_counts = self._encode(encoder, raw.eval_examples, "eval", notes, "all", whole_prompt=True)
         rows = (tuple(tuple(r) for r in pack_rows([len(e.ids) for e in train_enc], cfg.max_length))
                 if cfg.packing else None)
         return InstructionData(raw, tokenizer, model_device(model), template, encoder, pad_id, train_enc, eval_enc,
                                eval_enc[: cfg.generation_subset or None], rows,
                                (("train", train_counts), ("eval", eval_counts)), tuple(notes))
 
-    def _encode(self, encoder: PromptEncoder, examples: tuple[Example, ...], role: str,
-                notes: list[str]) -> tuple[tuple[Encoded, ...], EncodeCounts]:
+    def _encode(self, encoder: PromptEncoder, examples: tuple[Example, ...], role: str, notes: list[str],
+                learn: str, whole_prompt: bool = False) -> tuple[tuple[Encoded, ...], EncodeCounts]:
         """Encoded examples of one split and their counts; appends the notes on truncated and dropped ones."""
-        encoded = [encoder.encode(e) for e in examples]
-        kept = tuple(e for e in encoded if e is not None)
+        encoded = [encoder.encode(e, learn) for e in examples]
+        kept = tuple(e for e in encoded if e is not None and (e.prompt_fits or not whole_prompt))
         dropped = len(encoded) - len(kept)
         truncated = sum(e.truncated for e in kept)
         if truncated:
@@ -273,7 +284,8 @@ class InstructionTask(Task):
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def response_nll(self, data: InstructionData, model: nn.Module) -> tuple[list[float], list[int]]:
-        """Summed NLL and token count of every evaluation response (EOS included), in order."""
+        """Summed NLL and token count of every evaluation conversation's assistant turns (end-of-turn or EOS
+        included), in order."""
         nll: list[float] = []
         tokens: list[int] = []
         size = eval_batch_size(self.cfg)
@@ -287,12 +299,12 @@ class InstructionTask(Task):
     def generate(self, data: InstructionData, model: nn.Module, items, desc: str = "generate") -> list[str]:
         """Greedy, batched (left-padded, longest prompts first) generations, in the order of ``items``."""
         gen_cfg = getattr(model, "generation_config", None)
-        eos = {data.encoder.eos_id}
+        eos = set(data.encoder.stop_ids)
         extra = getattr(gen_cfg, "eos_token_id", None)
         eos.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
         order = sorted(range(len(items)), key=lambda i: -items[i].prompt_len)
         out: list[str] = [""] * len(items)
-        size = eval_batch_size(self.cfg)
+        size = self.cfg.generation_batch_size or eval_batch_size(self.cfg)
         with eval_mode(model), progress(len(items), desc, "example") as bar:
             for start in range(0, len(order), size):
                 chunk = order[start:start + size]
@@ -343,6 +355,9 @@ class InstructionTask(Task):
             "eval": split_info(splits.eval, "examples", counts["eval"].examples, len(splits.eval.records)),
             "prompt_template": data.template,
             "packing": self.cfg.packing,
+            "chat_loss": self.cfg.chat_loss,
+            "learned_turns": {"train": sum(len(e.learned_spans) for e in data.train_enc),
+                              "eval": sum(len(e.learned_spans) for e in data.eval_enc)},
             "packed_rows": len(data.rows) if data.rows is not None else None,
             "max_length": self.cfg.max_length,
             "generation_examples": len(data.generation_enc),
