@@ -127,7 +127,8 @@ def test_chat_template_masks_all_but_the_response():
     assert enc.prompt == "<bos><start_of_turn>user\nSay hi<end_of_turn>\n<start_of_turn>model\n"
     learned = [t for t in enc.labels if t != IGNORE_INDEX]
     assert learned == enc.ids[enc.prompt_len:]
-    assert tok.decode(learned) == "Hi!<end_of_turn><eos>"  # the end of turn, then EOS: the model learns to stop
+    assert tok.decode(learned) == "Hi!<end_of_turn>"  # the model learns to end its turn...
+    assert set(encoder.stop_ids) == {tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")}  # ...and stops
     assert tok.convert_ids_to_tokens(enc.ids[:3]) == ["<bos>", "<start_of_turn>", "user"]  # one BOS, real markers
     assert enc.ids[:enc.prompt_len] == tok(enc.prompt, add_special_tokens=False)["input_ids"]
 
