@@ -155,7 +155,7 @@ def test_4bit_weight_bytes_match_a_loaded_model():
 
 def test_published_parameter_counts():
     expected = {"Llama-2-7B": 6_738_415_616, "Mistral-7B-v0.1": 7_241_732_096, "Gemma-7B": 8_537_680_896,
-                "Gemma-2B": 2_506_172_416, "Llama-3-8B": 8_030_261_248}
+                "Gemma-2B": 2_506_172_416, "Llama-3-8B": 8_030_261_248, "Gemma-3-270M": 268_098_176}
     assert {name: arch.total_params() for name, arch in BUILTIN_ARCHS.items()} == expected
     assert load_arch("mistralai/Mistral-7B-v0.1") is BUILTIN_ARCHS["Mistral-7B-v0.1"]
 

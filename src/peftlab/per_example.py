@@ -7,7 +7,12 @@ examples), columns of one value per unit in evaluation order. It is written atom
 
     {"format": 1, "task": "clm",
      "stages": {"before": {"metrics": {...}, "classes": null, "groups": {"blocks": {"nll": [...], "tokens": [...]}}},
-                "after": {...}}}
+                "after": {...}},
+     "benchmarks": {"before": {"arc_easy": {"metrics": {"acc": ..., "acc_norm": ...},
+                                            "items": {"doc_id": [...], "acc": [...], "acc_norm": [...]}}},
+                    "after": {...}}}
+
+``benchmarks`` (present when the run scored lm-eval benchmarks) holds one correctness value per item and metric.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from peftlab.errors import UserError
 from peftlab.record import EXAMPLES_FILE, write_json
 from peftlab.tasks.base import Evaluation, ExampleValues
 
-__all__ = ["EXAMPLES_FILE", "StageValues", "read_stages", "write_stage"]
+__all__ = ["EXAMPLES_FILE", "StageValues", "read_benchmark_stages", "read_stages", "write_benchmark_stage",
+           "write_stage"]
 EXAMPLES_FORMAT = 1
+#: The file's key for the benchmarks (peftlab.evals): {stage: {benchmark: {"metrics", "items": {column: [...]}}}}.
+BENCHMARKS_KEY = "benchmarks"
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,8 @@ def write_stage(run_dir: str | Path, task: str, evaluation: Evaluation) -> Path 
             old = {}
         if isinstance(old, dict) and old.get("task") == task and isinstance(old.get("stages"), dict):
             data["stages"] = old["stages"]
+        if isinstance(old, dict) and isinstance(old.get(BENCHMARKS_KEY), dict):
+            data[BENCHMARKS_KEY] = old[BENCHMARKS_KEY]
     data["stages"][evaluation.stage] = stage_to_json(evaluation)
     write_json(path, data)
     return path
@@ -98,3 +108,30 @@ def read_stages(run_dir: str | Path) -> dict[str, StageValues] | None:
         raise UserError(f"{path}: not a format-{EXAMPLES_FORMAT} eval_examples.json; rerun the run or remove it")
     return {stage: StageValues(stage, dict(entry.get("metrics") or {}), values_from_json(entry, str(path)))
             for stage, entry in data["stages"].items() if isinstance(entry, dict)}
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_benchmark_stage(run_dir: str | Path, task: str, stage: str, scores: dict[str, dict[str, Any]]) -> Path:
+    """Add (or replace) one stage's benchmark scores (``{name: {"metrics", "items"}}``) in eval_examples.json."""
+    path = Path(run_dir) / EXAMPLES_FILE
+    data = _read_file(path) if path.is_file() else {}
+    if data.get("format") != EXAMPLES_FORMAT:
+        data = {"format": EXAMPLES_FORMAT, "task": task, "stages": {}}
+    benchmarks = data.get(BENCHMARKS_KEY) if isinstance(data.get(BENCHMARKS_KEY), dict) else {}
+    data[BENCHMARKS_KEY] = {**benchmarks, stage: scores}
+    write_json(path, data)
+    return path
+
+
+def read_benchmark_stages(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The benchmark stages a run's eval_examples.json holds ({} when none)."""
+    path = Path(run_dir) / EXAMPLES_FILE
+    stages = _read_file(path).get(BENCHMARKS_KEY) if path.is_file() else None
+    return {k: v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}

@@ -299,6 +299,32 @@ class Artifact(Section):
     size_bytes: int | None = None
 
 
+class Change(Section):
+    """A difference (after - before) with its paired bootstrap interval."""
+
+    estimate: float
+    lo: float
+    hi: float
+    level: float = 0.95
+    resamples: int | None = None
+
+    @property
+    def excludes_zero(self) -> bool:
+        """The interval lies strictly on one side of zero (a significant change)."""
+        return self.lo > 0 or self.hi < 0
+
+
+class BenchmarkResult(Section):
+    """One general-ability benchmark (lm-eval): its accuracies before and after training, and the forgetting
+    (after - before per metric, with a paired bootstrap 95% interval over its items)."""
+
+    items: int | None = None
+    limit: int | None = None
+    before: dict[str, float] | None = None
+    after: dict[str, float] | None = None
+    forgetting: dict[str, Change] | None = None
+
+
 class RunRecord(BaseModel):
     """A finished run's results.json. Every section is optional so that partial or older records still load;
     :meth:`to_dict` writes back exactly the keys that were set (plus nothing), so a read-write round trip keeps
@@ -328,6 +354,8 @@ class RunRecord(BaseModel):
     machine: dict[str, Any] = Field(default_factory=dict)
     resumed: bool | None = None
     resumed_from: str | None = None
+    benchmarks: dict[str, BenchmarkResult] | None = None
+    benchmark_time_s: float | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -403,6 +431,11 @@ class RunRecord(BaseModel):
         """The task's headline metric after training."""
         value = self.metrics.after.get(self.task.metric) if self.task.metric else None
         return value if isinstance(value, int | float) else None
+
+    def benchmark_change(self, name: str, metric: str = "acc") -> Change | None:
+        """A benchmark's forgetting (after - before) in one metric, with its interval, or None."""
+        result = (self.benchmarks or {}).get(name)
+        return (result.forgetting or {}).get(metric) if result is not None else None
 
     def baseline_key(self) -> str | None:
         """The key of the shared baseline evaluation this run's "before" metrics came from (peftlab.baseline)."""

@@ -27,6 +27,7 @@ from peftlab.baseline import evaluate_before
 from peftlab.checkpoint import check_compatible, resolve_resume
 from peftlab.config import RunConfig
 from peftlab.errors import ResourceError, TrainingDiverged, UserError
+from peftlab.evals import BenchmarkStages
 from peftlab.loop import OOM_ADVICE, LoopState, Resume, TrainLoop
 from peftlab.measure import MemoryMeter, PhasePeak, Stopwatch, folder_size_bytes, parameter_counts
 from peftlab.methods import Method, get_method
@@ -190,6 +191,7 @@ class Run:
         self.method = get_method(cfg.method)
         self.task = get_task(cfg.task)(cfg)
         self.raw = self.task.load()  # missing files, empty data and bad columns fail here, before the model loads
+        self.benchmarks = BenchmarkStages.for_config(cfg)  # bad benchmark names or files too (peftlab.evals)
         self.strategy = get_strategy(cfg.strategy)
         self.device = resolve_device(cfg.device)
         self.accelerator = make_accelerator(self.device)
@@ -256,9 +258,11 @@ class Run:
         with the same baseline key, see peftlab.baseline)."""
         if self.resume is not None:
             self.state = LoopState(**self.resume.saved["loop"])
+            self.benchmarks.restore("before", self.run_dir.path)  # written before the interruption
             return
         if not self.cfg.eval_before:
             return
+        self.benchmarks.score("before", self.model, self.loaded, self.run_dir.path, write=self.run_dir.is_writer)
         self.eval_timer.start()
         with compute_context(self.precision, self.device.type):
             self.before = evaluate_before(self.cfg, self.task, self.data, self.model, self.loaded, self.method,
@@ -282,6 +286,7 @@ class Run:
         with compute_context(self.precision, self.device.type):
             self.final = self.task.evaluate(self.data, trained, "after")
         self.eval_timer.stop()
+        self.benchmarks.score("after", trained, self.loaded, self.run_dir.path, write=self.run_dir.is_writer)
         with compute_context(self.precision, self.device.type):
             self.sample = self.task.sample(self.data, trained, self.final)
 
@@ -334,6 +339,7 @@ class Run:
             machine=self.provenance.machine,
             resumed=self.resume is not None,
             resumed_from=str(self.resume.folder) if self.resume else None,
+            **self.benchmarks.record(),
         )
 
     def model_info(self) -> ModelInfo:

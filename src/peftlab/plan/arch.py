@@ -10,7 +10,11 @@ from typing import Any
 
 from peftlab.errors import UserError
 
-DECODER_TYPES = ("llama", "mistral", "gemma", "qwen2", "qwen3", "olmo", "olmo2", "granite")
+DECODER_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "olmo", "olmo2", "granite")
+#: Norms per decoder layer where a family has more than Llama's two (Gemma 2/3 also norm before and after the MLP
+#: and after attention), and the families with RMS norms on q and k per head (Qwen 3, Gemma 3).
+LAYER_NORMS = {"gemma2": 4, "gemma3_text": 4}
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class Arch:
     tie_word_embeddings: bool
     attention_bias: bool = False
     max_positions: int | None = None
+    norms_per_layer: int = 2
+    qk_norm: bool = False  # an RMS norm of head_dim weights on queries and on keys in every layer
+    sliding_window: int | None = None  # the window of the sliding-window layers, if any
+    sliding_layers: int = 0  # how many layers attend within the window (Gemma 3: 5 of every 6)
 
     @property
     def q_dim(self) -> int:
@@ -69,8 +77,10 @@ class Arch:
         return 12 * self.num_layers * seq_len * self.q_dim
 
     def norm_params(self) -> int:
-        """Two norms per layer and the final norm."""
-        return (2 * self.num_layers + 1) * self.hidden_size
+        """The layers' norms (two in Llama, four in Gemma 2/3; q/k norms where the family has them) and the final
+        norm."""
+        qk = 2 * self.head_dim if self.qk_norm else 0
+        return (self.norms_per_layer * self.num_layers + 1) * self.hidden_size + self.num_layers * qk
 
     def total_params(self) -> int:
         return self.num_layers * self.layer_linear_params() + self.embedding_params() + self.norm_params()
@@ -83,11 +93,13 @@ BUILTIN_ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("Gemma-7B", 256000, 3072, 24576, 28, 16, 16, 256, True, max_positions=8192),
     Arch("Gemma-2B", 256000, 2048, 16384, 18, 8, 1, 256, True, max_positions=8192),
     Arch("Llama-3-8B", 128256, 4096, 14336, 32, 32, 8, 128, False, max_positions=8192),
+    Arch("Gemma-3-270M", 262144, 640, 2048, 18, 4, 1, 256, True, max_positions=32768, norms_per_layer=4,
+         qk_norm=True, sliding_window=512, sliding_layers=15),
 ]}
 BUILTIN_HUB_IDS = {"meta-llama/llama-2-7b-hf": "Llama-2-7B", "meta-llama/llama-2-7b": "Llama-2-7B",
                    "mistralai/mistral-7b-v0.1": "Mistral-7B-v0.1", "google/gemma-7b": "Gemma-7B",
                    "google/gemma-2b": "Gemma-2B", "meta-llama/meta-llama-3-8b": "Llama-3-8B",
-                   "meta-llama/llama-3-8b": "Llama-3-8B"}
+                   "meta-llama/llama-3-8b": "Llama-3-8B", "google/gemma-3-270m": "Gemma-3-270M"}
 
 
 def builtin_arch(name: str) -> Arch | None:
@@ -121,7 +133,19 @@ def arch_from_config(config: Any, name: str) -> Arch:
                 head_dim=int(get("head_dim") or hidden // heads),
                 tie_word_embeddings=bool(get("tie_word_embeddings", True)),
                 attention_bias=bool(get("attention_bias", model_type in ("qwen2",))),
-                max_positions=get("max_position_embeddings"))
+                max_positions=get("max_position_embeddings"),
+                norms_per_layer=LAYER_NORMS.get(model_type, 2), qk_norm=model_type in QK_NORM_TYPES,
+                **sliding_layout(get))
+
+
+def sliding_layout(get) -> dict[str, Any]:
+    """The sliding-window layers a config declares (``layer_types``, or Mistral's window on every layer)."""
+    window = get("sliding_window")
+    if not window:
+        return {}
+    types = get("layer_types")
+    layers = sum(t == "sliding_attention" for t in types) if types else int(get("num_hidden_layers"))
+    return {"sliding_window": int(window), "sliding_layers": layers}
 
 
 def load_arch(name: str) -> Arch:

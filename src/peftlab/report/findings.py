@@ -235,11 +235,40 @@ def difference_sentence(table: TaskTable) -> str | None:
     return text + (f"; within noise: {', '.join(within)}." if within else ".")
 
 
+def forgetting_sentence(table: TaskTable) -> str | None:
+    """The rows whose benchmark accuracy fell beyond its paired 95% interval (forgetting), and those that rose.
+
+    Only single-run rows are judged (a row over several seeds has one interval per seed, not one for the row)."""
+    columns = [c for c in table.columns if c.change is not None]
+    if not columns:
+        return None
+    forgot, gained, judged = [], [], 0
+    for group in table.groups:
+        if len(group.runs) != 1:
+            continue
+        for column in columns:
+            change = column.change(group.first)
+            if change is None:
+                continue
+            judged += 1
+            text = f"{_label(group, table)} on {column.label} {column.digits(change.estimate)} " \
+                   f"[{column.digits(change.lo)}, {column.digits(change.hi)}]"
+            if change.hi < 0:
+                forgot.append(text)
+            elif change.lo > 0:
+                gained.append(text)
+    if not judged:
+        return None
+    text = "Forgetting (benchmark accuracy down, paired 95% interval below zero): "
+    text += "; ".join(forgot) if forgot else "no row"
+    return text + (f". Gains beyond noise: {'; '.join(gained)}." if gained else ".")
+
+
 def table_findings(table: TaskTable) -> list[str]:
     """The sentences for one table (none that its numbers cannot support)."""
     sentences = [base_sentence(table, c) for c in interval_metrics(table)]
-    sentences += [gain_sentence(table), difference_sentence(table), memory_sentence(table), time_sentence(table),
-                  host_sentence(table)]
+    sentences += [gain_sentence(table), difference_sentence(table), forgetting_sentence(table),
+                  memory_sentence(table), time_sentence(table), host_sentence(table)]
     return [s for s in sentences if s]
 
 

@@ -104,6 +104,7 @@ class Column:
     spread: bool = True  # show ± std over seeds (off for values that the seed cannot change)
     machine_bound: bool = False  # a speed: comparable only between runs measured on one machine
     blank: str | None = None  # shown instead of every value (a speed column of a table that spans machines)
+    change: Callable[[RunRecord], Any] | None = None  # a difference with its own interval (a benchmark's forgetting)
 
     @property
     def header(self) -> str:
@@ -208,6 +209,9 @@ class TaskTable:
         first = group.first
         row = [str(first.model.name), training_type(first), config_label(first)]
         for column in self.columns:
+            if column.change is not None and len(group.runs) == 1:  # one run: its change and paired interval
+                row.append(format_difference(column.change(first), column.digits))
+                continue
             mean, std = group.mean_std(column)
             row.append(column.blank or format_mean_std(mean, std if column.spread else None, column.digits))
             if column.key == self.metric:
@@ -324,7 +328,49 @@ def table_columns(record: RunRecord, runs: list[FinishedRun]) -> list[Column]:
         if key != headline.key and key in reported:
             spec = metric_spec(record, key)
             cols.append(Column(key, spec.label, _metric_getter(key), number, spec.higher_is_better))
+    return cols + benchmark_columns(runs)
+
+
+BENCHMARK_COLUMN = "benchmark:"
+
+
+def benchmark_metric(runs: list[FinishedRun], name: str) -> str:
+    """The accuracy a benchmark's column shows: acc_norm where lm-eval gives it (length-normalised), else acc."""
+    for run in runs:
+        change = (run.record.benchmarks or {}).get(name)
+        if change is not None and change.forgetting:
+            return "acc_norm" if "acc_norm" in change.forgetting else "acc"
+    return "acc"
+
+
+def benchmark_names(runs: list[FinishedRun]) -> list[str]:
+    """The benchmarks the runs scored before and after: shipped ones in their order, then others by name."""
+    from peftlab.evals.suite import SHIPPED
+
+    names = {n for run in runs for n, b in (run.record.benchmarks or {}).items() if b.forgetting}
+    return [n for n in SHIPPED if n in names] + sorted(names - set(SHIPPED))
+
+
+def benchmark_columns(runs: list[FinishedRun]) -> list[Column]:
+    """One column per benchmark: the change of its accuracy from the base (after - before) with its interval."""
+    cols = []
+    for name in benchmark_names(runs):
+        metric = benchmark_metric(runs, name)
+
+        def change(record: RunRecord, name=name, metric=metric):
+            return record.benchmark_change(name, metric)
+
+        def estimate(record: RunRecord, change=change) -> float | None:
+            found = change(record)
+            return found.estimate if found is not None else None
+
+        cols.append(Column(f"{BENCHMARK_COLUMN}{name}", f"{name} Δ{metric}", estimate, signed(3), True,
+                           change=change))
     return cols
+
+
+def signed(decimals: int) -> Callable[[float], str]:
+    return lambda v: f"{v:+.{decimals}f}"
 
 
 def _group_key(record: RunRecord) -> str:
@@ -452,6 +498,27 @@ def baseline_interval(runs: list[FinishedRun], spec, resamples: int = DEFAULT_RE
     return bootstrap_ci(mean_over(found[0]), found[1], resamples, seed), found[1], spec.statistic.unit
 
 
+def benchmark_notes(table: TaskTable) -> list[str]:
+    """What each benchmark column measures, on how many items, and how its interval is made."""
+    from peftlab.evals.suite import CHANCE, MEASURES
+
+    runs = [run.record for g in table.groups for run in g.runs]
+    columns = [c for c in table.columns if c.change is not None]
+    if not columns:
+        return []
+    parts = []
+    for column in columns:
+        name = column.key.removeprefix(BENCHMARK_COLUMN)
+        items = sorted({r.benchmarks[name].items for r in runs if name in (r.benchmarks or {})} - {None})
+        what = MEASURES.get(name, "an lm-eval task")
+        chance = f", chance {CHANCE[name]:.0%}" if name in CHANCE else ""
+        parts.append(f"{name} ({what}{chance}; {'/'.join(map(str, items))} items)")
+    return [f"Benchmarks (lm-evaluation-harness, zero-shot, each answer choice scored by its log-likelihood): "
+            f"{'; '.join(parts)}. A benchmark's cell is its accuracy after training minus before (acc_norm: "
+            "normalised by the answer's length), with a paired bootstrap 95% interval over its items "
+            f"({DEFAULT_RESAMPLES} resamples); * marks a change beyond noise (a negative one: forgetting)."]
+
+
 def _data_line(record: RunRecord) -> str:
     return "; ".join(data_used(record))
 
@@ -504,6 +571,7 @@ def table_notes(table: TaskTable) -> list[str]:
                  f"{DEFAULT_SEED}; seeds pooled: every seed resampled with the same indices). Δ: the row's "
                  f"{table.metric_column.label} minus {ref}'s, with a paired bootstrap (both rows on the same "
                  "resampled examples); * marks an interval that excludes zero. '-': no per-example values.")
+    notes += benchmark_notes(table)
     best = table.best_group()
     if best is not None and len(table.groups) > 1:
         notes.append(f"Best {table.metric_column.label} ({'higher' if table.higher_is_better else 'lower'} is "
