@@ -70,3 +70,24 @@ def test_ignored_labels_do_not_count():
     out = perplexity(model, [{"input_ids": ids, "labels": labels}])
     assert out["eval_tokens"] == 1
     assert math.isclose(out["perplexity"], 2.0, rel_tol=1e-6)
+
+
+def test_a_tokenizer_that_adds_bos_starts_every_block_with_it():
+    """Gemma expects <bos> first (WikiText perplexity ~300 without it, ~38 with): each block is BOS + block - 1
+    text tokens, and no line adds a BOS of its own mid-block. SmolLM2's tokenizer adds none: its blocks are unchanged."""
+    from transformers import AutoTokenizer
+
+    from peftlab.models import gemma3_tokenizer_dir, smollm2_tokenizer_dir
+    from peftlab.tasks.clm import leading_bos, tokenize_to_blocks
+
+    gemma = AutoTokenizer.from_pretrained(gemma3_tokenizer_dir())
+    lines = ["The first line of text.", "", "A second, longer line of the same text follows here."] * 8
+    blocks = tokenize_to_blocks(lines, gemma, 16)
+    assert leading_bos(gemma) == gemma.bos_token_id
+    assert (blocks[:, 0] == gemma.bos_token_id).all() and not (blocks[:, 1:] == gemma.bos_token_id).any()
+    text_ids = [i for line in lines for i in gemma(line, add_special_tokens=False)["input_ids"]]
+    assert blocks[:, 1:].reshape(-1).tolist() == text_ids[:blocks.shape[0] * 15]
+    smollm2 = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    assert leading_bos(smollm2) is None
+    assert tokenize_to_blocks(lines, smollm2, 16).tolist() == group_texts(
+        [smollm2(line)["input_ids"] for line in lines], 16).tolist()

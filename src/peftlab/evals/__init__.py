@@ -57,7 +57,7 @@ class BenchmarkStages:
             return {}
         from peftlab.per_example import write_benchmark_stage
 
-        autocast = torch.bfloat16 if loaded.precision.name == "bf16-mixed" else None  # as compute_context
+        autocast = torch.bfloat16 if loaded.precision.autocasts else None  # as compute_context
         scores, seconds = score(self.suite, model, loaded.tokenizer, self.batch_size, autocast)
         self.scores[stage], self.seconds = scores, self.seconds + seconds
         if run_dir is not None and write:

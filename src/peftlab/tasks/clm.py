@@ -49,16 +49,32 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
                   .encode())
-    digest.update(repr((type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token)).encode())
+    digest.update(repr((type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token,
+                        leading_bos(tokenizer))).encode())
     return digest.hexdigest()[:16]
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every encoding with it (Gemma, Llama): such a model expects it first in
+    every sequence; None when it adds none (SmolLM2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def tokenize_to_blocks(texts: list[str], tokenizer, block_size: int, batch: int = 1000) -> np.ndarray:
-    """Tokenize each text (as the seed does, one call per line) and group into blocks."""
+    """Tokenize each text (as the seed does, one call per line) and group into blocks. For a tokenizer that adds a
+    BOS, every block starts with it and no line adds its own: the block is BOS + ``block_size - 1`` text tokens."""
+    bos = leading_bos(tokenizer)
     ids: list[list[int]] = []
     for start in range(0, len(texts), batch):
-        ids.extend(tokenizer(texts[start:start + batch], add_special_tokens=True)["input_ids"])
-    return group_texts(ids, block_size)
+        ids.extend(tokenizer(texts[start:start + batch], add_special_tokens=bos is None)["input_ids"])
+    if bos is None:
+        return group_texts(ids, block_size)
+    blocks = group_texts(ids, block_size - 1)
+    return np.concatenate([np.full((len(blocks), 1), bos, dtype=blocks.dtype), blocks], axis=1)
 
 
 def cached_blocks(split: DataSplit, tokenizer, block_size: int, text_column: str) -> np.ndarray:
