@@ -74,7 +74,7 @@ def test_ignored_labels_do_not_count():
 
 def test_a_tokenizer_that_adds_bos_starts_every_block_with_it():
     """Gemma expects <bos> first (WikiText perplexity ~300 without it, ~38 with): each block is BOS + block - 1
-    text tokens, and no line adds a BOS of its own mid-block. SmolLM2's tokenizer adds none: its blocks are unchanged."""
+    text tokens, and no line adds a BOS of its own mid-block. SmolLM2's adds none: its blocks are unchanged."""
     from transformers import AutoTokenizer
 
     from peftlab.models import gemma3_tokenizer_dir, smollm2_tokenizer_dir
