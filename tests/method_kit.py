@@ -170,3 +170,16 @@ def loop_loss_works(method, **values: Any) -> bool:
     batch["labels"] = batch["input_ids"]
     plain, chunked = causal_lm_loss_sum(model, batch), causal_lm_loss_sum(model, batch, chunked=True)
     return bool(torch.allclose(plain, chunked, rtol=1e-4))
+
+
+def causal_lm_method_or_skip(name: str):
+    """The registered method, skipping the test where it cannot train a causal LM (with its reason) or where
+    bitsandbytes is missing for one that quantizes the base."""
+    from peftlab.methods import get_method
+
+    method = get_method(name)
+    if not method.supports("causal_lm"):
+        pytest.skip(f"method {name!r} {method.unsupported_reasons()['causal_lm']}")
+    if method.quantizes_base:
+        pytest.importorskip("bitsandbytes")
+    return method

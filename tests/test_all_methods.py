@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from method_kit import causal_lm_method_or_skip
 
 from peftlab import train
 from peftlab.cli import main
@@ -29,11 +30,7 @@ TWO_STEPS = dict(max_steps=2, train_subset=8, eval_subset=2, batch_size=2, grad_
 
 @pytest.mark.parametrize("name", method_names())
 def test_trains_two_steps_and_reloads_with_identical_logits(name, tmp_path, monkeypatch):
-    method = get_method(name)
-    if not method.supports("causal_lm"):
-        pytest.skip(f"method {name!r} {method.unsupported['causal_lm']}")
-    if method.quantizes_base:
-        pytest.importorskip("bitsandbytes")
+    method = causal_lm_method_or_skip(name)
     trained_logits = {}
     save = train.save_trained
 

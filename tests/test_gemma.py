@@ -10,13 +10,14 @@ import os
 
 import pytest
 import torch
+from method_kit import causal_lm_method_or_skip
 
 from peftlab import train
 from peftlab.configure import load_config
 from peftlab.evaluate import eval_config, load_for_eval
 from peftlab.losses import IGNORE_INDEX, causal_lm_loss_sum, output_head
 from peftlab.merge import fixed_batch, logits_of
-from peftlab.methods import get_method, method_names
+from peftlab.methods import method_names
 from peftlab.models import load_model, tiny_gemma3_config
 from peftlab.plan.arch import load_arch
 from tests.conftest import tiny_overrides
@@ -50,11 +51,7 @@ ALL_METHODS = [pytest.param(n, marks=() if n in FAST_METHODS else (pytest.mark.s
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_trains_and_reloads_with_identical_logits(name, tmp_path, monkeypatch, data_dir):
-    method = get_method(name)
-    if not method.supports("causal_lm"):
-        pytest.skip(f"method {name!r} {method.unsupported_reasons()['causal_lm']}")
-    if method.quantizes_base:
-        pytest.importorskip("bitsandbytes")
+    method = causal_lm_method_or_skip(name)
     kept = {}
     save = train.save_trained
 
