@@ -135,3 +135,14 @@ def test_cli_help_defaults_come_from_the_fields():
     assert "(default 1.0)" in field_help("max_grad_norm")
     assert "(default 16" in field_help("alpha") and "(default 0.1" in field_help("dropout")
     assert "qlora" in field_help("method")
+
+
+def test_a_record_older_than_a_defining_field_counts_it_as_its_default():
+    """Runs recorded before chat_loss and chat_format existed are adopted by a sweep and grouped with new ones."""
+    from peftlab.config import RUN_DEFINING_FIELDS, RunConfig, defining_fields
+
+    new = RunConfig(model="tiny-llama").model_dump(mode="json")
+    old = {k: v for k, v in new.items() if k not in ("chat_loss", "chat_format")}
+    assert {"chat_loss", "chat_format"} <= set(RUN_DEFINING_FIELDS)
+    assert defining_fields(old) == defining_fields(new)
+    assert defining_fields({**old, "chat_loss": "last"}) != defining_fields(new)

@@ -178,8 +178,9 @@ class RunConfig(BaseModel):
 
 def defining_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     """The run-defining part of a config dict (e.g. results.json's "config"): RUN_DEFINING_FIELDS plus every method
-    field (the keys that are not RunConfig fields)."""
-    out = {k: config.get(k) for k in RUN_DEFINING_FIELDS}
+    field (the keys that are not RunConfig fields). A field that an older record lacks counts as its default, so
+    runs recorded before the field existed (``chat_loss``, ``chat_format``) are still adopted and grouped."""
+    out = {k: config[k] if k in config else field_default(k) for k in RUN_DEFINING_FIELDS}
     out.update({k: v for k, v in config.items() if k not in RunConfig.model_fields})
     return out
 
