@@ -44,6 +44,17 @@ def _rows(out: Path) -> dict:
         store.close()
 
 
+#: The environment of a sweep driver started as its own process.
+DRIVER_ENV = {**os.environ, "PEFTLAB_DATA_DIR": str(SHARED_DATA)}
+
+
+def _start_parallel_driver(seeds_file: Path, out: Path, log_path: Path) -> subprocess.Popen:
+    """`peftlab sweep --parallel 2` in its own process, its output in ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(_sweep_cmd(seeds_file, out, "--parallel", "2"), stdout=log,
+                                stderr=subprocess.STDOUT, env=DRIVER_ENV)
+
+
 def _when(stamp: str) -> dt.datetime:
     return dt.datetime.fromisoformat(stamp)
 
@@ -217,10 +228,7 @@ def killed_parallel(seeds_file, tmp_path_factory):
     """--parallel 2: SIGKILL seed1's process, then SIGKILL the driver once seed2 is done, then rerun."""
     tmp = tmp_path_factory.mktemp("faults")
     out = tmp / "out"
-    env = {**os.environ, "PEFTLAB_DATA_DIR": str(SHARED_DATA)}
-    with open(tmp / "first.log", "wb") as log:
-        first = subprocess.Popen(_sweep_cmd(seeds_file, out, "--parallel", "2"), stdout=log,
-                                 stderr=subprocess.STDOUT, env=env)
+    first = _start_parallel_driver(seeds_file, out, tmp / "first.log")
     try:
         _wait_for(lambda: _status(out, "seed1") == "running" or first.poll() is not None, 300, "seed1 to start")
         victim = _rows(out)["seed1"].pid
@@ -240,8 +248,8 @@ def killed_parallel(seeds_file, tmp_path_factory):
         _wait_for(lambda pid=pid: not _alive(pid), 30, "the killed driver's runs to die with it")
     results_file = out / "runs" / "seed2" / "results.json"
     mtime = results_file.stat().st_mtime_ns
-    rerun = subprocess.run(_sweep_cmd(seeds_file, out, "--parallel", "2"), capture_output=True, text=True, env=env,
-                           timeout=600)
+    rerun = subprocess.run(_sweep_cmd(seeds_file, out, "--parallel", "2"), capture_output=True, text=True,
+                           env=DRIVER_ENV, timeout=600)
     return {"before": before, "after": _rows(out), "rerun": rerun, "mtime": mtime, "results_file": results_file}
 
 
@@ -266,10 +274,7 @@ def test_a_killed_driver_leaves_a_store_the_rerun_finishes(killed_parallel):
 
 def test_ctrl_c_stops_the_parallel_runs_and_queues_them_again(seeds_file, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "PEFTLAB_DATA_DIR": str(SHARED_DATA)}
-    with open(tmp_path / "log", "wb") as log:
-        driver = subprocess.Popen(_sweep_cmd(seeds_file, out, "--parallel", "2"), stdout=log,
-                                  stderr=subprocess.STDOUT, env=env)
+    driver = _start_parallel_driver(seeds_file, out, tmp_path / "log")
     try:
         _wait_for(lambda: {_status(out, "seed1"), _status(out, "seed2")} == {"running"} or driver.poll() is not None,
                   300, "two runs to start")
